@@ -1,0 +1,228 @@
+"""LoRA side branches for a frozen denoiser.
+
+A LoRA layer never touches the base weight while training: the base module's
+output gets a low-rank side branch added by a forward hook,
+
+    y = W0 x (+ b) + scale * up(down(x)),   scale = alpha / rank,
+
+so the frozen base needs no weight gradient and the hook is removed without a
+trace. ``merge``/``unmerge`` fold the branch into the weight for inference, and
+``delta`` gives the dense update in the weight's own shape.
+
+Shapes follow the kohya / ComfyUI file contract:
+    Linear(in, out):          down (r, in),          up (out, r)
+    Conv2d(in, out, k):       down (r, in, kh, kw),  up (out, r, 1, 1)
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Target presets, as regular expressions over dotted module names. They work on
+# ComfyUI's ldm names and on diffusers' names alike (both call attention
+# projections attn1/attn2.to_q|to_k|to_v|to_out.0, and the GEGLU MLP ff.net.*).
+_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+_FF = r"ff\.net\.(0\.proj|2)$"
+PRESETS: dict[str, str] = {
+    "attn": _ATTN,
+    "attn_ff": f"({_ATTN})|({_FF})",
+    "all_linear": r".*",
+    "all_linear_conv": r".*",
+}
+PRESET_DOCS: dict[str, str] = {
+    "attn": "attention q/k/v/out projections of every transformer block (self and cross attention)",
+    "attn_ff": "attention projections plus the feed-forward (GEGLU) layers of every transformer block",
+    "all_linear": "every Linear layer of the denoiser (attention, feed-forward, proj_in/out, time embeddings)",
+    "all_linear_conv": "every Linear and Conv2d layer of the denoiser (kohya 'LoCon'-style coverage)",
+}
+
+
+class LoraConfigError(ValueError):
+    """A LoRA setting is invalid; the message names the setting, the value and the fix."""
+
+
+def check_rank_alpha(rank: int, alpha: float | None) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise LoraConfigError(f"rank must be a whole number >= 1, got {rank!r}: set rank to e.g. 4, 8 or 16")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise LoraConfigError(f"alpha must be a finite number > 0, got {alpha!r}: use alpha = rank for scale 1.0")
+
+
+class LoraLayer(nn.Module):
+    """The low-rank branch of one Linear or Conv2d layer."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        check_rank_alpha(rank, alpha)
+        w = base.weight
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv:
+            out_f, in_f, kh, kw = w.shape
+            if base.groups != 1:
+                raise LoraConfigError(f"grouped convolutions are not supported (groups={base.groups})")
+            down_shape, up_shape = (rank, in_f, kh, kw), (out_f, rank, 1, 1)
+            self.conv_args = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+        elif isinstance(base, nn.Linear):
+            out_f, in_f = w.shape
+            down_shape, up_shape = (rank, in_f), (out_f, rank)
+        else:
+            raise LoraConfigError(f"LoRA supports Linear and Conv2d layers, not {type(base).__name__}")
+        self.rank = rank
+        self.alpha = float(alpha) if alpha is not None else float(rank)
+        self.down = nn.Parameter(torch.empty(down_shape, dtype=dtype, device=w.device))
+        self.up = nn.Parameter(torch.zeros(up_shape, dtype=dtype, device=w.device))
+        # A: kaiming-uniform (as nn.Linear's own init), B: zero, so training starts at the base model.
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5), generator=generator)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def set_weights(self, down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> None:
+        if down.shape != self.down.shape or up.shape != self.up.shape:
+            raise LoraConfigError(f"given LoRA weights have shapes down {tuple(down.shape)} / up {tuple(up.shape)}, "
+                                  f"the layer needs {tuple(self.down.shape)} / {tuple(self.up.shape)}")
+        with torch.no_grad():
+            self.down.copy_(down)
+            self.up.copy_(up)
+        self.alpha = float(alpha) if alpha is not None else float(self.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.down.dtype)
+        x = self.dropout(x)
+        if self.is_conv:
+            return F.conv2d(F.conv2d(x, self.down, **self.conv_args), self.up) * self.scale
+        return F.linear(F.linear(x, self.down), self.up) * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The dense weight update scale * up @ down, in the base weight's shape (float32)."""
+        up, down = self.up.detach().float(), self.down.detach().float()
+        d = up.flatten(1) @ down.flatten(1)
+        return (d.reshape(up.shape[0], *down.shape[1:]) if self.is_conv else d) * self.scale
+
+
+def select_targets(model: nn.Module, targets: str = "attn", exclude: str | None = None) -> dict[str, nn.Module]:
+    """Linear (and, for presets that ask for it, Conv2d) modules chosen by a preset or a regex.
+
+    ``targets`` is a preset name (see PRESETS) or a regular expression searched in each dotted
+    module name (e.g. ``attn2\\.to_(k|v)$``). Raises LoraConfigError when nothing matches.
+    """
+    kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d) if targets == "all_linear_conv" else (nn.Linear,)
+    pattern = PRESETS.get(targets)
+    if pattern is None:
+        kinds = (nn.Linear, nn.Conv2d)
+        try:
+            pattern = re.compile(targets).pattern
+        except re.error as e:
+            raise LoraConfigError(f"targets {targets!r} is neither a preset ({', '.join(PRESETS)}) nor a valid "
+                                  f"regular expression ({e})") from None
+    rx, ex = re.compile(pattern), re.compile(exclude) if exclude else None
+    found = {n: m for n, m in model.named_modules()
+             if n and isinstance(m, kinds) and rx.search(n) and not (ex and ex.search(n))}
+    if not found:
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        raise LoraConfigError(
+            f"targets {targets!r} matched none of the {len(names)} Linear/Conv2d layers of this model "
+            f"(examples: {names[:3]}); use a preset ({', '.join(PRESETS)}) or a pattern that matches those names")
+    return found
+
+
+class LoraNetwork(nn.Module):
+    """A set of LoRA layers for named modules of one model, attached through forward hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module], rank: int, alpha: float | None = None,
+                 dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        check_rank_alpha(rank, alpha)
+        gen = torch.Generator().manual_seed(seed)
+        self.names = sorted(modules)
+        self.layers = nn.ModuleDict()
+        for name in self.names:  # sorted, so the init does not depend on module order
+            layer = LoraLayer(modules[name], rank, alpha, dropout, generator=gen, dtype=dtype)
+            self.layers[_key(name)] = layer
+        self._targets = modules
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._merged = False
+
+    def layer(self, name: str) -> LoraLayer:
+        return self.layers[_key(name)]
+
+    def items(self) -> Iterator[tuple[str, LoraLayer]]:
+        return ((n, self.layers[_key(n)]) for n in self.names)
+
+    # -- attaching -------------------------------------------------------
+    def attach(self) -> "LoraNetwork":
+        if self._merged:
+            raise RuntimeError("this LoRA is merged into the weights; unmerge it before attaching it")
+        if not self._handles:
+            for name, layer in self.items():
+                self._handles.append(self._targets[name].register_forward_hook(_branch(layer)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def attached(self) -> Iterator["LoraNetwork"]:
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    # -- dense views -----------------------------------------------------
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {n: layer.delta() for n, layer in self.items()}
+
+    @torch.no_grad()
+    def merge(self, strength: float = 1.0) -> None:
+        """Add strength * delta into each base weight (for inference). NaN-safe: checks before writing."""
+        if self._merged:
+            raise RuntimeError("LoRA already merged")
+        deltas = self.deltas()
+        bad = [n for n, d in deltas.items() if not torch.isfinite(d).all()]
+        if bad:
+            raise ValueError(f"LoRA has non-finite weights in {len(bad)} layers (e.g. {bad[0]}); not merged")
+        self.detach()
+        for n, d in deltas.items():
+            w = self._targets[n].weight
+            w.add_((strength * d).to(w.dtype))
+        self._merged_strength, self._merged = strength, True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self._merged:
+            return
+        for n, d in self.deltas().items():
+            w = self._targets[n].weight
+            w.sub_((self._merged_strength * d).to(w.dtype))
+        self._merged = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _branch(layer: LoraLayer):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + layer(args[0]).to(output.dtype)
+    return hook
+
+
+def freeze(params: Iterable[nn.Parameter]) -> None:
+    for p in params:
+        p.requires_grad_(False)

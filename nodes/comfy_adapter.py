@@ -1,0 +1,166 @@
+"""ComfyUI side of the trainer interface (training/diffusion.py) and of LoRA patching.
+
+This is the one place, apart from the node files, that knows ComfyUI's objects:
+a MODEL (ModelPatcher), a CLIP and a VAE become a ``DiffusionModel`` for the
+trainers, and a LoRA bundle becomes weight patches on a cloned MODEL.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_base
+import comfy.model_management
+import comfy.utils
+
+from ..training.diffusion import Cond
+from ..training.lora_format import LoraBundle, LoraFormatError, MatchReport, resolve
+
+log = logging.getLogger(__name__)
+
+_PREDICTION = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def model_family(patcher) -> str:
+    """'sd15', 'sdxl', ... from the model config class ComfyUI detected."""
+    return type(patcher.model.model_config).__name__.lower()
+
+
+class ComfyDiffusion:
+    """A ComfyUI MODEL (+ CLIP, VAE) seen through the trainers' DiffusionModel interface.
+
+    Works on a clone of the MODEL; the input MODEL is never patched. Loading puts the
+    (already LoRA-patched, if any) weights on ComfyUI's torch device. The frozen weights
+    ComfyUI created under inference mode are replaced once by equal ordinary tensors,
+    because autograd cannot save inference tensors for the backward pass.
+    """
+
+    def __init__(self, model, clip=None, vae=None):
+        self.patcher = model.clone()
+        self.clip, self.vae = clip, vae
+        base = self.patcher.model
+        if base.model_type not in _PREDICTION:
+            raise UnsupportedModelError(
+                f"IDLoRA trains eps- and v-prediction U-Nets (SD1.x, SD2.x, SDXL); this model is "
+                f"{type(base.model_config).__name__} with prediction {base.model_type.name}")
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self.base = base
+        self.denoiser = base.diffusion_model
+        self.prediction_type = _PREDICTION[base.model_type]
+        self.sigmas = base.model_sampling.sigmas.detach().float().cpu().clone()
+        self.device = self.patcher.load_device
+        self.name = model_family(self.patcher)
+        _uninference(self.denoiser)
+
+    def net_forward(self, x_noisy: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        ms = self.base.model_sampling
+        dtype = self.base.get_dtype() if self.base.manual_cast_dtype is None else self.base.manual_cast_dtype
+        xc = ms.calculate_input(sigma, x_noisy).to(dtype)
+        t = ms.timestep(sigma).float()
+        extra = {k: v.to(self.device, dtype) for k, v in cond.items() if k != "context"}
+        return self.denoiser(xc, t, context=cond["context"].to(self.device, dtype), **extra)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise ValueError("vae is not connected: connect the VAE output of Load Checkpoint")
+        images = _crop_to_multiple(images[..., :3].clone(), 8)
+        return self.base.process_latent_in(self.vae.encode(images))
+
+    def encode_prompts(self, prompts: list[str], width: int, height: int) -> Cond:
+        if self.clip is None:
+            raise ValueError("clip is not connected: connect the CLIP output of Load Checkpoint")
+        rows: dict[str, dict[str, torch.Tensor]] = {}
+        for p in dict.fromkeys(prompts):  # encode each distinct prompt once
+            cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
+            extra = self.base.extra_conds(cross_attn=cond, pooled_output=pooled, width=width, height=height,
+                                          target_width=width, target_height=height, crop_w=0, crop_h=0,
+                                          device=self.device)
+            if "c_concat" in extra:
+                raise UnsupportedModelError("inpainting / concat-conditioned models are not supported for training")
+            row = {"context": extra["c_crossattn"].cond}
+            if "y" in extra:
+                row["y"] = extra["y"].cond
+            rows[p] = {k: v.detach().clone() for k, v in row.items()}
+        return _stack_rows([rows[p] for p in prompts])
+
+
+def _stack_rows(rows: list[dict[str, torch.Tensor]]) -> Cond:
+    out: Cond = {}
+    for key in rows[0]:
+        tensors = [r[key] for r in rows]
+        if key == "context":  # long prompts give more 77-token chunks: pad to the longest by repeating
+            n = max(t.shape[1] for t in tensors)
+            tensors = [t if t.shape[1] == n else torch.cat([t] * (n // t.shape[1]) + [t[:, :n % t.shape[1]]], 1)
+                       for t in tensors]
+        out[key] = torch.cat(tensors, 0)
+    return out
+
+
+def _crop_to_multiple(images: torch.Tensor, m: int) -> torch.Tensor:
+    h, w = images.shape[1] // m * m, images.shape[2] // m * m
+    if h == 0 or w == 0:
+        raise ValueError(f"images of {images.shape[2]}x{images.shape[1]} px are too small: use at least {m}x{m}")
+    y, x = (images.shape[1] - h) // 2, (images.shape[2] - w) // 2
+    return images[:, y:y + h, x:x + w]
+
+
+@torch.no_grad()
+def _uninference(module: torch.nn.Module) -> None:
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_inference():
+                with torch.inference_mode(False):
+                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_inference():
+                with torch.inference_mode(False):
+                    sub._buffers[name] = b.clone()
+
+
+# -- LoRA bundle -> patches on a MODEL ------------------------------------------
+
+def module_shapes(patcher) -> dict[str, tuple]:
+    sd = patcher.model.diffusion_model.state_dict()
+    return {k[:-len(".weight")]: tuple(v.shape) for k, v in sd.items() if k.endswith(".weight") and v.ndim >= 2}
+
+
+def diffusers_key_map(patcher) -> dict[str, str]:
+    """ComfyUI's own table of the LoRA key names it accepts for this model (diffusers, kohya, ...)."""
+    return comfy.lora.model_lora_keys_unet(patcher.model, {})
+
+
+def apply_lora(model, bundle: LoraBundle, strength: float):
+    """A patched clone of ``model`` with the bundle's LoRA at ``strength``, plus the match report.
+
+    Raises LoraFormatError when no module matches or some shapes disagree (a LoRA of another
+    base model), naming the counts.
+    """
+    weights, report = resolve(bundle, module_shapes(model), diffusers_key_map(model))
+    check_report(report, bundle)
+    sd: dict[str, torch.Tensor] = {}
+    for path, w in weights.items():
+        stem = f"diffusion_model.{path}"
+        sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"] = w.down, w.up
+        sd[f"{stem}.alpha"] = torch.tensor(float(w.alpha if w.alpha is not None else w.rank))
+    key_map = {f"diffusion_model.{p}": f"diffusion_model.{p}.weight" for p in weights}
+    patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
+    out = model.clone()
+    out.add_patches(patches, strength)
+    return out, report
+
+
+def check_report(report: MatchReport, bundle: LoraBundle) -> None:
+    if report.matched == 0 or report.shape_mismatch:
+        raise LoraFormatError(
+            f"this LoRA does not fit the model: {report.summary()}. It was probably trained for another base "
+            f"model (metadata base model: {bundle.metadata.get('idlora_base_model') or bundle.metadata.get('ss_base_model_version', 'unknown')}); "
+            f"use a LoRA made for this checkpoint")
+    if report.missing:
+        log.warning("IDLoRA: %s", report.summary())

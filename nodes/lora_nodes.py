@@ -1,0 +1,223 @@
+"""Plain LoRA nodes: train, save, load, apply, and plot the loss."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..training.lora_format import LoraBundle, LoraFormatError, load_lora, sanitize_save_name, save_lora
+from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, prepare_data
+from ..training.loss_plot import plot_losses
+from ..models.lora import PRESET_DOCS, PRESETS
+from .comfy_adapter import ComfyDiffusion, apply_lora
+from .types import LoraHandle, LoraNameOutput
+
+log = logging.getLogger(__name__)
+CATEGORY = "IDLoRA"
+LORA_SUBDIR = "idlora"
+D = LoraTrainConfig()
+_PRESET_TIP = "; ".join(f"{k}: {v}" for k, v in PRESET_DOCS.items())
+
+
+def progress_callback(total: int):
+    """Progress bar updates plus ComfyUI's interrupt check, once per step."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_step(step: int, _total: int, loss: float) -> None:
+        bar.update_absolute(step, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    return on_step
+
+
+def idlora_lora_dir() -> str:
+    return os.path.join(folder_paths.get_folder_paths("loras")[0], LORA_SUBDIR)
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRATrainLoRA",
+            display_name="IDLoRA Train LoRA",
+            category=CATEGORY,
+            description="Train a plain LoRA on images with a frozen model (the baseline for every IDLoRA method).",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train on. It is not modified; use IDLoRA Apply LoRA "
+                                                "or save the LoRA and load it to use it."),
+                io.Clip.Input("clip", tooltip="Text encoder used to encode the prompt(s) once before training."),
+                io.Vae.Input("vae", tooltip="VAE used to encode the images to latents once before training."),
+                io.Image.Input("images", tooltip="Training images, one batch of equal size (e.g. from Load Image or "
+                                                 "an image batch node). Sizes are cropped to a multiple of 8 px."),
+                io.String.Input("prompt", multiline=True, default="a photo of sks person",
+                                tooltip="One prompt for all images, or one line per image (the line count must "
+                                        "then equal the number of images)."),
+                io.Int.Input("steps", default=D.steps, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=D.learning_rate, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate."),
+                io.Int.Input("rank", default=D.rank, min=1, max=1024, tooltip="LoRA rank r (size of the bottleneck)."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=4096.0, step=1.0,
+                               tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank "
+                                       "(scale 1.0)."),
+                io.Combo.Input("targets", options=list(PRESETS), default=D.targets,
+                               tooltip="Which layers get LoRA branches. " + _PRESET_TIP),
+                io.String.Input("target_pattern", default="", optional=True,
+                                tooltip="Optional regular expression over module names (e.g. 'attn2\\.to_(k|v)$'); "
+                                        "when set it replaces the preset."),
+                io.Int.Input("batch_size", default=D.batch_size, min=1, max=64, tooltip="Images per step."),
+                io.Int.Input("seed", default=D.seed, min=0, max=2**31 - 1,
+                             tooltip="Seed for the LoRA init, the batch order, the noise and the timesteps."),
+                io.Boolean.Input("gradient_checkpointing", default=D.gradient_checkpointing,
+                                 tooltip="Recompute block activations in the backward pass: less memory, "
+                                         "about 30% slower."),
+                io.Combo.Input("precision", options=["auto", "fp32", "bf16", "fp16"], default=D.precision,
+                               tooltip="auto: bf16 autocast on CUDA when supported, fp32 on the CPU."),
+            ],
+            outputs=[
+                LoraHandle.Output(display_name="lora", tooltip="The trained LoRA (connect to Save / Apply)."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step (connect to IDLoRA Loss Plot)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, prompt, steps, learning_rate, rank, alpha, targets,
+                batch_size, seed, gradient_checkpointing, precision, target_pattern="") -> io.NodeOutput:
+        cfg = LoraTrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
+                              targets=target_pattern.strip() or targets, batch_size=batch_size, seed=seed,
+                              gradient_checkpointing=gradient_checkpointing, precision=precision).validate()
+        with torch.inference_mode(False):
+            diffusion = ComfyDiffusion(model, clip, vae)
+            data = prepare_data(diffusion, images.clone(), prompt)
+            trainer = LoraTrainer(diffusion, data, cfg)
+            bundle = trainer.run(progress_callback(cfg.steps))
+        return io.NodeOutput(bundle, {"loss": trainer.losses})
+
+
+class SaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRASaveLoRA",
+            display_name="IDLoRA Save LoRA",
+            category=CATEGORY,
+            description="Write a LoRA as a kohya-format safetensors file into models/loras/idlora/.",
+            is_output_node=True,
+            inputs=[
+                LoraHandle.Input("lora", tooltip="A LoRA from an IDLoRA training or load node."),
+                io.String.Input("name", default="my_lora",
+                                tooltip="File name, without folders (letters, digits, '-', '_', '.', spaces). "
+                                        "'.safetensors' is added."),
+                io.Boolean.Input("overwrite", default=True,
+                                 tooltip="Replace an existing file of that name. Off: add a number to the name."),
+            ],
+            outputs=[LoraNameOutput(display_name="lora_name",
+                                    tooltip="The saved file's name under models/loras; can feed the stock "
+                                            "LoraLoader's lora_name.")],
+        )
+
+    @classmethod
+    def execute(cls, lora: LoraBundle, name: str, overwrite: bool) -> io.NodeOutput:
+        fname = sanitize_save_name(name)
+        folder = idlora_lora_dir()
+        path = os.path.join(folder, fname)
+        if not overwrite:
+            stem, n = fname[:-len(".safetensors")], 1
+            while os.path.exists(path):
+                path = os.path.join(folder, f"{stem}_{n:04d}.safetensors")
+                n += 1
+        if lora.key_style != "module":
+            raise LoraFormatError("this LoRA came from a file; it is already on disk: use its file directly")
+        save_lora(path, lora.weights, lora.metadata)
+        rel = f"{LORA_SUBDIR}/{os.path.basename(path)}"
+        log.info("IDLoRA: saved %s", path)
+        return io.NodeOutput(rel, ui={"lora_files": [rel]})
+
+
+class LoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRALoadLoRA",
+            display_name="IDLoRA Load LoRA",
+            category=CATEGORY,
+            description="Read a LoRA file in kohya, ComfyUI-native or peft/diffusers key style, any rank.",
+            inputs=[io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                                   tooltip="A file under models/loras.")],
+            outputs=[LoraHandle.Output(display_name="lora", tooltip="The LoRA, for IDLoRA Apply LoRA and the "
+                                                                    "merge/eval nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_lora(resolve_lora_path(lora_name)))
+
+
+def resolve_lora_path(lora_name: str) -> str:
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None:
+        raise FileNotFoundError(f"LoRA file {lora_name!r} is not in models/loras ({folder_paths.get_folder_paths('loras')}); "
+                                f"put it there and refresh the page")
+    return path
+
+
+class ApplyLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRAApplyLoRA",
+            display_name="IDLoRA Apply LoRA",
+            category=CATEGORY,
+            description="Patch a clone of the model with a LoRA (handle or file) at a strength.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch; a patched clone is returned, the input is "
+                                                "left as it is."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Multiplier of the LoRA update (1.0 = as trained)."),
+                LoraHandle.Input("lora", optional=True, tooltip="A LoRA handle (from training or IDLoRA Load "
+                                                               "LoRA). Takes precedence over lora_name."),
+                io.Combo.Input("lora_name", options=["none"] + folder_paths.get_filename_list("loras"),
+                               default="none", optional=True, tooltip="Or a file under models/loras."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched clone.")],
+        )
+
+    @classmethod
+    def execute(cls, model, strength: float, lora: LoraBundle | None = None, lora_name: str = "none"):
+        if lora is None:
+            if lora_name in (None, "", "none"):
+                raise ValueError("no LoRA given: connect a LoRA handle to 'lora' or choose a file in 'lora_name'")
+            lora = load_lora(resolve_lora_path(lora_name))
+        patched, report = apply_lora(model, lora, strength)
+        log.info("IDLoRA Apply LoRA: %s", report.summary())
+        return io.NodeOutput(patched)
+
+
+class LossPlot(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRALossPlot",
+            display_name="IDLoRA Loss Plot",
+            category=CATEGORY,
+            description="Draw a loss history as an image (raw loss and a moving average).",
+            inputs=[
+                io.LossMap.Input("loss", tooltip="Loss history from an IDLoRA training node."),
+                io.Int.Input("width", default=768, min=128, max=4096, tooltip="Image width in px."),
+                io.Int.Input("height", default=384, min=96, max=4096, tooltip="Image height in px."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="The plot, as an IMAGE.")],
+        )
+
+    @classmethod
+    def execute(cls, loss, width: int, height: int) -> io.NodeOutput:
+        values = [float(v) for v in loss.get("loss", [])] if isinstance(loss, dict) else []
+        img = plot_losses(values, width, height)
+        return io.NodeOutput(torch.from_numpy(img)[None])
+
+
+NODES = [TrainLoRA, SaveLoRA, LoadLoRA, ApplyLoRA, LossPlot]

@@ -1,0 +1,29 @@
+"""Wire types shared by IDLoRA's nodes."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+LoraHandle = io.Custom("IDLORA_LORA")  # a training.lora_format.LoraBundle
+
+
+class _LinksToCombo(str):
+    """A 'COMBO' output type that ComfyUI's validator accepts on any combo input.
+
+    ComfyUI compares link types with ``!=`` and honours types whose ``__ne__`` says
+    they match ("pre-union" rule in comfy_execution/validation.py). It lets the LoRA
+    file name written by IDLoRA Save LoRA feed the stock LoraLoader's lora_name in the
+    same queue run, before the file exists at validation time.
+    """
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+class LoraNameOutput(io.Output):
+    """An output carrying a file name under models/loras, linkable to the stock LoraLoader."""
+
+    @property
+    def io_type(self):
+        return _LinksToCombo("COMBO")

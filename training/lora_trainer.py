@@ -1,0 +1,288 @@
+"""Plain LoRA training: the baseline every IDLoRA method is measured against.
+
+The denoiser stays frozen; LoRA branches (models/lora.py) are attached with hooks
+for the duration of training. Latents and prompt conditioning are encoded once and
+cached. Timesteps come from the model's own discrete schedule, the loss is MSE
+against the target of the model's prediction type, and all randomness flows from
+one seeded generator, so a run is reproducible on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from ..models.lora import PRESETS, LoraConfigError, LoraNetwork, check_rank_alpha, select_targets
+from .diffusion import Cond, DiffusionModel, add_noise, target
+from .lora_format import LoraBundle, LoraWeight
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+
+
+class TrainingInputError(ValueError):
+    """Bad training input; the message names the input, the value and the fix."""
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, value: float, lr: float):
+        super().__init__(f"the loss became {value} at step {step}; training stopped. Lower the learning rate "
+                         f"(now {lr:g}) or train in fp32")
+        self.step, self.value = step, value
+
+
+@dataclass
+class LoraTrainConfig:
+    steps: int = 300
+    learning_rate: float = 1e-4
+    rank: int = 16
+    alpha: float | None = None           # None: alpha = rank (scale 1.0)
+    targets: str = "attn"                # a preset of models.lora.PRESETS or a regex over module names
+    exclude: str | None = None
+    batch_size: int = 1
+    seed: int = 0
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0           # 0 disables clipping
+    gradient_checkpointing: bool = False
+    precision: str = "auto"              # auto: bf16 autocast on CUDA when supported, fp32 elsewhere
+    timestep_range: tuple[float, float] = (0.0, 1.0)  # fraction of the schedule that is sampled
+
+    def validate(self) -> "LoraTrainConfig":
+        def need(ok: bool, name: str, fix: str) -> None:
+            if not ok:
+                raise TrainingInputError(f"{name} = {getattr(self, name)!r} is invalid: {fix}")
+        need(isinstance(self.steps, int) and self.steps >= 1, "steps", "use a whole number >= 1")
+        need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "use e.g. 1e-4")
+        try:
+            check_rank_alpha(self.rank, self.alpha)
+        except LoraConfigError as e:
+            raise TrainingInputError(str(e)) from None
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use a whole number >= 1")
+        need(self.weight_decay >= 0, "weight_decay", "use a number >= 0")
+        need(0 <= self.warmup_steps, "warmup_steps", "use a whole number >= 0")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "use a number >= 0 (0 disables clipping)")
+        need(self.precision in PRECISIONS, "precision", f"use one of {PRECISIONS}")
+        lo, hi = self.timestep_range
+        need(0 <= lo < hi <= 1, "timestep_range", "use two fractions 0 <= low < high <= 1")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraTrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TrainingInputError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "timestep_range" in d:
+            d["timestep_range"] = tuple(d["timestep_range"])
+        return cls(**d)
+
+
+@dataclass
+class TrainData:
+    """Cached training inputs: latents (N, C, h, w) and one conditioning row per image."""
+    latents: torch.Tensor
+    cond: Cond
+    prompts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, Cond]:
+        return self.latents[idx], {k: v[idx] for k, v in self.cond.items()}
+
+
+def split_prompts(prompt: str | list[str], n_images: int) -> list[str]:
+    """One prompt for all images, or one per image (a list, or one line per image)."""
+    if n_images < 1:
+        raise TrainingInputError("images is an empty batch (0 images): connect at least one image, "
+                                 "e.g. from Load Image")
+    prompts = prompt if isinstance(prompt, list) else [p.strip() for p in prompt.splitlines() if p.strip()]
+    if not prompts:
+        prompts = [""]
+    if len(prompts) == 1:
+        return prompts * n_images
+    if len(prompts) != n_images:
+        raise TrainingInputError(f"prompt has {len(prompts)} lines but images has {n_images} images: give one "
+                                 f"prompt for all images, or exactly one line per image")
+    return prompts
+
+
+def prepare_data(model: DiffusionModel, images: torch.Tensor, prompt: str | list[str]) -> TrainData:
+    """Encode images and prompts once, on the model's device."""
+    if images is None or images.ndim != 4 or images.shape[0] == 0:
+        shape = None if images is None else tuple(images.shape)
+        raise TrainingInputError(f"images must be a non-empty IMAGE batch (B, H, W, C), got shape {shape}: "
+                                 f"connect at least one image")
+    prompts = split_prompts(prompt, images.shape[0])
+    h, w = images.shape[1], images.shape[2]
+    with torch.no_grad():
+        latents = model.encode_images(images).to(model.device, torch.float32)
+        cond = model.encode_prompts(prompts, w, h)
+    return TrainData(latents, {k: v.to(model.device) for k, v in cond.items()}, prompts)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(denoiser: nn.Module) -> Iterator[int]:
+    """Gradient checkpointing on the denoiser's blocks (each item of a top-level ModuleList and every
+    top-level child named '*block*'), restored on exit. Yields the number of wrapped blocks."""
+    blocks: list[nn.Module] = []
+    for name, child in denoiser.named_children():
+        if isinstance(child, nn.ModuleList):
+            blocks.extend(child)
+        elif "block" in name:
+            blocks.append(child)
+    for b in blocks:
+        b.forward = _checkpointed(b.forward)
+    try:
+        yield len(blocks)
+    finally:
+        for b in blocks:
+            del b.forward  # drop the instance attribute; the class method is back
+
+
+def _checkpointed(fn: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+StepCallback = Callable[[int, int, float], None]  # (step done, total steps, loss); may raise to stop
+
+
+class LoraTrainer:
+    """Trains one LoRA on cached data. Methods subclass it and override ``loss``."""
+
+    method = "lora"
+
+    def __init__(self, model: DiffusionModel, data: TrainData, config: LoraTrainConfig):
+        self.cfg = config.validate()
+        self.model, self.data = model, data
+        targets = select_targets(model.denoiser, self.cfg.targets, self.cfg.exclude)
+        for p in model.denoiser.parameters():
+            p.requires_grad_(False)
+        self.network = LoraNetwork(targets, self.cfg.rank, self.cfg.alpha, seed=self.cfg.seed).to(model.device)
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.cfg.learning_rate,
+                                           weight_decay=self.cfg.weight_decay)
+        warm = self.cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.amp_dtype = autocast_dtype(self.cfg.precision, model.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.step = 0
+        self.losses: list[float] = []
+        n = len(model.sigmas)
+        lo, hi = self.cfg.timestep_range
+        self.t_range = (int(lo * (n - 1)), max(int(lo * (n - 1)) + 1, int(round(hi * n))))
+
+    # -- sampling ----------------------------------------------------------
+    def sample_batch(self) -> tuple[torch.Tensor, Cond, torch.Tensor, torch.Tensor]:
+        """(x0, cond, noise, sigma) for one step; all randomness from self.generator (on CPU)."""
+        n, b, g = len(self.data), self.cfg.batch_size, self.generator
+        idx = torch.randperm(n, generator=g)[:b] if b <= n else torch.randint(0, n, (b,), generator=g)
+        x0, cond = self.data.batch(idx.to(self.data.latents.device))
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = torch.randint(*self.t_range, (x0.shape[0],), generator=g)
+        return x0, cond, noise, self.model.sigmas[t].to(x0.device)
+
+    def loss(self, x0: torch.Tensor, cond: Cond, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """MSE between the network output and the target of the model's prediction type."""
+        out = self.model.net_forward(add_noise(x0, noise, sigma), sigma, cond)
+        return F.mse_loss(out.float(), target(self.model.prediction_type, x0, noise, sigma).float())
+
+    # -- one step ------------------------------------------------------------
+    def train_step(self) -> float:
+        x0, cond, noise, sigma = self.sample_batch()
+        amp = (torch.autocast(self.model.device.type, dtype=self.amp_dtype) if self.amp_dtype
+               else contextlib.nullcontext())
+        with amp:
+            loss = self.loss(x0, cond, noise, sigma)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self.step + 1, value, self.scheduler.get_last_lr()[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.losses.append(value)
+        return value
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """LoRA attached, grads on (also inside ComfyUI's inference mode), checkpointing if asked."""
+        ckpt = checkpointed_blocks(self.model.denoiser) if self.cfg.gradient_checkpointing \
+            else contextlib.nullcontext()
+        with torch.inference_mode(False), torch.enable_grad(), self.network.attached(), ckpt:
+            self.network.train()
+            yield
+
+    def run(self, on_step: StepCallback | None = None) -> LoraBundle:
+        t0 = time.perf_counter()
+        with self.session():
+            while self.step < self.cfg.steps:
+                loss = self.train_step()
+                if on_step:
+                    on_step(self.step, self.cfg.steps, loss)
+        log.info("trained %s for %d steps in %.1f s (final loss %.4f)", self.method, self.step,
+                 time.perf_counter() - t0, self.losses[-1])
+        return self.bundle()
+
+    # -- output ------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        cfg = asdict(self.cfg)
+        return {
+            "ss_base_model_version": BASE_MODEL_VERSIONS.get(self.model.name, self.model.name),
+            "ss_network_dim": str(self.cfg.rank),
+            "ss_network_alpha": str(self.network.items().__next__()[1].alpha),
+            "ss_steps": str(self.step),
+            "idlora_method": self.method,
+            "idlora_phase": "",
+            "idlora_ranks": json.dumps({"rank": self.cfg.rank}),
+            "idlora_targets": self.cfg.targets,
+            "idlora_base_model": self.model.name,
+            "idlora_prediction_type": self.model.prediction_type,
+            "idlora_config": json.dumps(cfg),
+        }
+
+    def bundle(self) -> LoraBundle:
+        weights = {n: LoraWeight(layer.down.detach().float().cpu().clone(), layer.up.detach().float().cpu().clone(),
+                                 layer.alpha) for n, layer in self.network.items()}
+        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)

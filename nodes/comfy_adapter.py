@@ -132,8 +132,15 @@ def module_shapes(patcher) -> dict[str, tuple]:
 
 
 def diffusers_key_map(patcher) -> dict[str, str]:
-    """ComfyUI's own table of the LoRA key names it accepts for this model (diffusers, kohya, ...)."""
-    return comfy.lora.model_lora_keys_unet(patcher.model, {})
+    """ComfyUI's own table of the LoRA key names it accepts for this model (diffusers, kohya, ...),
+    plus the plain peft names of attention layers (``...attn1.to_q``, ``...attn1.to_out.0``), which
+    ComfyUI 0.3.75 lists only in the old ``.processor.to_q`` / ``.to_out`` spelling."""
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    for k, v in list(key_map.items()):
+        if ".processor.to_" in k:
+            plain = k.replace(".processor.to_", ".to_")
+            key_map.setdefault(plain + ".0" if plain.endswith(".to_out") else plain, v)
+    return key_map
 
 
 def apply_lora(model, bundle: LoraBundle, strength: float):

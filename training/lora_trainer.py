@@ -120,13 +120,17 @@ def split_prompts(prompt: str | list[str], n_images: int) -> list[str]:
     return prompts
 
 
-def prepare_data(model: DiffusionModel, images: torch.Tensor, prompt: str | list[str]) -> TrainData:
-    """Encode images and prompts once, on the model's device."""
+def check_images(images: torch.Tensor | None) -> torch.Tensor:
     if images is None or images.ndim != 4 or images.shape[0] == 0:
         shape = None if images is None else tuple(images.shape)
         raise TrainingInputError(f"images must be a non-empty IMAGE batch (B, H, W, C), got shape {shape}: "
                                  f"connect at least one image")
-    prompts = split_prompts(prompt, images.shape[0])
+    return images
+
+
+def prepare_data(model: DiffusionModel, images: torch.Tensor, prompt: str | list[str]) -> TrainData:
+    """Encode images and prompts once, on the model's device."""
+    prompts = split_prompts(prompt, check_images(images).shape[0])
     h, w = images.shape[1], images.shape[2]
     with torch.no_grad():
         latents = model.encode_images(images).to(model.device, torch.float32)

@@ -1,0 +1,374 @@
+"""Tiny, seeded ComfyUI models for in-process unit tests.
+
+These helpers ASSUME ComfyUI is already importable and configured (the test
+conftest puts ComfyUI on sys.path, sets ``comfy.cli_args.args.cpu = True`` and
+imports ``utils.extra_config`` before anything here is called). Nothing in this
+module touches sys.path or ComfyUI's args, except the ``__main__`` self-check.
+
+Everything runs on CPU in fp32. Parameters are filled deterministically: each
+tensor gets its own ``torch.Generator`` seeded from ``(seed, crc32(key))``
+(key = the name in ``BaseModel.state_dict()``, e.g. ``diffusion_model.out.2.weight``,
+or in the VAE's ``first_stage_model.state_dict()``), so values do not depend on
+parameter order. Init rule: ndim >= 2 ~ N(0, 1/sqrt(fan_in)), fan_in =
+prod(shape[1:]); embeddings ~ N(0, 0.02); GroupNorm/LayerNorm weights = 1;
+biases and other 1-D tensors = 0. (Same rule as tools/tiny_checkpoint.py.)
+
+Note: parameters of a model built under ``torch.inference_mode()`` are
+inference tensors. ComfyUI's LoRA weight patching still works on them outside
+inference mode (it swaps in new Parameters rather than writing in place), but
+in-place updates and autograd on them fail outside inference mode. Build the
+models outside inference mode unless a test wants exactly that situation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# U-Net configs in the form comfy.model_detection.detect_unet_config produces
+# (per-input-block transformer_depth, per-output-block transformer_depth_output).
+# SD15.__init__ adds num_heads=8/num_head_channels=-1; SDXL (BASE) adds
+# num_heads=-1/num_head_channels=64.
+TINY_SD15_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 64,
+    "use_linear_in_transformer": False,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+SDXL_POOLED_DIM = 64
+SDXL_CONTEXT_DIM = 64
+TINY_SDXL_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    # SDXL.encode_adm = pooled (P) + 6 Timestep(256) size/crop embeddings.
+    "adm_in_channels": SDXL_POOLED_DIM + 6 * 256,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": SDXL_CONTEXT_DIM,
+    "use_linear_in_transformer": True,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+# comfy.sd.VAE(config=...) builds AutoencoderKL(**config["params"]).
+# 4 levels -> 8x down/up-scaling, 4 latent channels (matches comfy.sd.VAE's
+# defaults: downscale_ratio 8, latent_channels 4).
+TINY_VAE_CONFIG = {
+    "params": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 64,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 1, 1, 1],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    }
+}
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- seeded init
+
+def tensor_seed(seed: int, key: str) -> int:
+    """Generator seed for one tensor: depends on (seed, key) only, not on key order.
+
+    torch's CPU generator (mt19937) only uses the low 32 bits of its seed, so
+    (seed, crc32(key)) is mixed into 32 bits: crc32(key) XOR (seed * golden-ratio
+    constant mod 2**32). For seed 0 this is just crc32(key); for a fixed key,
+    distinct seeds (mod 2**32) give distinct generator seeds.
+    """
+    return zlib.crc32(key.encode("utf-8")) ^ ((int(seed) * 0x9E3779B1) & 0xFFFFFFFF)
+
+
+def _init_kind(module: torch.nn.Module, key: str, name: str, tensor: torch.Tensor) -> str:
+    lname = key.lower()
+    if isinstance(module, torch.nn.Embedding) or lname.endswith(("token_embedding.weight", "position_embedding.weight")):
+        return "embedding"
+    if tensor.ndim >= 2:
+        return "matrix"
+    # Type check needed: U-Net GroupNorms such as in_layers.0 / out.0 have no 'norm' in their name.
+    if name == "weight" and (
+        isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or "norm" in lname or "ln_" in lname or "layer_norm" in lname
+    ):
+        return "norm"
+    return "zero"
+
+
+def seeded_tensor(key: str, shape, kind: str, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Deterministic tensor for ``key`` following the init rule of this module."""
+    shape = tuple(int(s) for s in shape)
+    if kind == "norm":
+        return torch.ones(shape, dtype=dtype)
+    if kind == "zero":
+        return torch.zeros(shape, dtype=dtype)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(tensor_seed(seed, key))
+    if kind == "embedding":
+        std = 0.02
+    else:
+        std = 1.0 / math.sqrt(max(math.prod(shape[1:]), 1))
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(dtype)
+
+
+def seeded_state_dict(module: torch.nn.Module, seed: int, prefix: str = "") -> dict:
+    """Seeded values for every parameter/buffer of ``module`` (works on meta modules)."""
+    out = {}
+    for mod_name, mod in module.named_modules():
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is None:
+                continue
+            key = prefix + (mod_name + "." if mod_name else "") + name
+            dtype = t.dtype if t.dtype.is_floating_point else torch.float32
+            out[key] = seeded_tensor(key, t.shape, _init_kind(mod, key, name, t), seed, dtype=dtype)
+    return out
+
+
+@torch.no_grad()
+def fill_seeded_(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
+    """Overwrite every parameter of ``module`` in place with seeded values."""
+    values = seeded_state_dict(module, seed, prefix)
+    for mod_name, mod in module.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            key = prefix + (mod_name + "." if mod_name else "") + name
+            p.copy_(values[key].to(device=p.device, dtype=p.dtype))
+
+
+# ---------------------------------------------------------------- models
+
+def _patcher_from_config(model_config_cls, unet_config: dict, seed: int):
+    import comfy.model_patcher
+
+    model_config = model_config_cls(dict(unet_config))
+    model = model_config.get_model({}, "")
+    # Only the U-Net's weights are ours to fill: model_sampling / noise_augmentor
+    # buffers are computed schedules.
+    fill_seeded_(model.diffusion_model, seed, prefix="diffusion_model.")
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+
+
+def tiny_sd15(seed: int = 0):
+    """~1 M-parameter SD1.5-structured model (comfy.supported_models.SD15) as a ModelPatcher."""
+    import comfy.supported_models
+
+    return _patcher_from_config(comfy.supported_models.SD15, TINY_SD15_UNET, seed)
+
+
+def tiny_sdxl(seed: int = 0):
+    """Tiny SDXL-structured model (comfy.supported_models.SDXL, EPS) as a ModelPatcher.
+
+    context dim 64, pooled dim 64 (adm_in_channels = 64 + 1536); see tiny_sdxl_cond/sdxl_adm.
+    """
+    import comfy.supported_models
+
+    return _patcher_from_config(comfy.supported_models.SDXL, TINY_SDXL_UNET, seed)
+
+
+def tiny_sdxl_cond(batch: int = 1, seed: int = 0):
+    """Random SDXL-style conditioning: (context (B, 77, 64), pooled (B, 64)), N(0, 1)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    context = torch.randn((batch, 77, SDXL_CONTEXT_DIM), generator=gen)
+    pooled = torch.randn((batch, SDXL_POOLED_DIM), generator=gen)
+    return context, pooled
+
+
+def sdxl_adm(patcher, pooled: torch.Tensor, width: int = 64, height: int = 64, crop_w: int = 0, crop_h: int = 0,
+             target_width=None, target_height=None) -> torch.Tensor:
+    """The ``y`` vector ComfyUI feeds an SDXL U-Net: ``model.encode_adm(pooled_output=..., width=..., ...)``.
+
+    Shape (B, 64 + 1536) for the tiny SDXL. width/height are in pixels.
+    """
+    return patcher.model.encode_adm(
+        pooled_output=pooled,
+        width=width,
+        height=height,
+        crop_w=crop_w,
+        crop_h=crop_h,
+        target_width=width if target_width is None else target_width,
+        target_height=height if target_height is None else target_height,
+    )
+
+
+def tiny_vae(seed: int = 0):
+    """Tiny KL VAE (comfy.sd.VAE): 8x spatial scaling, 4 latent channels, ~0.37 M params.
+
+    ``vae.encode(images (B, H, W, 3) in [0, 1]) -> (B, 4, H/8, W/8)``; ``vae.decode`` the reverse.
+    """
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    with torch.device("meta"):
+        meta = comfy.ldm.models.autoencoder.AutoencoderKL(
+            embed_dim=TINY_VAE_CONFIG["params"]["embed_dim"], ddconfig=dict(TINY_VAE_CONFIG["params"]["ddconfig"])
+        )
+    sd = seeded_state_dict(meta, seed)
+    return comfy.sd.VAE(sd=sd, config=TINY_VAE_CONFIG, device=CPU, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- forward
+
+def diffusion_forward(patcher, x: torch.Tensor, sigma, context: torch.Tensor, y=None) -> torch.Tensor:
+    """Raw ``diffusion_model`` output (eps for EPS models) for the noisy latent ``x`` at ``sigma``.
+
+    Makes the same call as ``BaseModel._apply_model``: ``xc = calculate_input(sigma, x)``,
+    ``t = timestep(sigma)``, ``diffusion_model(xc, t, context=context, y=y)``, after
+    ``comfy.model_management.load_models_gpu([patcher])`` so that the patcher's weight
+    patches (LoRAs) are applied. ``sigma``: float or tensor of shape () / (B,).
+    The patcher's ``model_options["transformer_options"]`` (e.g. attention patches)
+    are passed through, as the sampler would.
+    """
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    model = patcher.model
+    ms = model.model_sampling
+    dtype = model.manual_cast_dtype if model.manual_cast_dtype is not None else model.get_dtype()
+    device = patcher.load_device
+
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+    if sigma.numel() == 1 and x.shape[0] != 1:
+        sigma = sigma.expand(x.shape[0])
+    sigma = sigma.to(device)
+    transformer_options = dict(patcher.model_options.get("transformer_options", {}))
+    transformer_options["sigmas"] = sigma
+    with torch.no_grad():
+        xc = ms.calculate_input(sigma, x.to(device)).to(dtype)
+        t = ms.timestep(sigma).float()
+        out = model.diffusion_model(
+            xc,
+            t,
+            context=context.to(device=device, dtype=dtype),
+            y=None if y is None else y.to(device=device, dtype=dtype),
+            transformer_options=transformer_options,
+        )
+    return out
+
+
+# ---------------------------------------------------------------- self-check
+
+def _self_check(comfy_dir: str) -> None:
+    import sys
+    import time
+
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import utils.extra_config  # noqa: F401
+    import comfy.model_management
+    import comfy.sd
+
+    def n_params(m):
+        return sum(p.numel() for p in m.parameters())
+
+    def finite(t):
+        return bool(torch.isfinite(t).all())
+
+    gen = torch.Generator().manual_seed(123)
+
+    # SD1.5
+    sd15 = tiny_sd15(seed=0)
+    ctx = torch.randn((2, 77, 64), generator=gen)
+    x = torch.randn((2, 4, 8, 8), generator=gen) * 14.6
+    t0 = time.perf_counter()
+    base = diffusion_forward(sd15, x, 14.6, ctx)
+    logger.info("sd15: %d params, out %s finite=%s std=%.3f (%.3fs)", n_params(sd15.model.diffusion_model),
+                tuple(base.shape), finite(base), base.std().item(), time.perf_counter() - t0)
+    assert base.shape == x.shape and finite(base) and base.std() > 0
+    again = diffusion_forward(tiny_sd15(seed=0), x, 14.6, ctx)
+    assert torch.equal(base, again), "tiny_sd15 not deterministic"
+    other = diffusion_forward(tiny_sd15(seed=1), x, 14.6, ctx)
+    assert not torch.equal(base, other), "seed has no effect"
+
+    # LoRA through ComfyUI's loader with native keys changes the raw output.
+    target = "diffusion_model.input_blocks.1.1.proj_in"  # 1x1 conv (32 -> 32)
+    w = sd15.model.state_dict()[target + ".weight"]
+    rank = 4
+    lora_sd = {
+        target + ".lora_up.weight": torch.randn((w.shape[0], rank, 1, 1), generator=gen) * 0.5,
+        target + ".lora_down.weight": torch.randn((rank, w.shape[1], 1, 1), generator=gen) * 0.5,
+    }
+    lora_patcher, _ = comfy.sd.load_lora_for_models(sd15, None, lora_sd, 1.0, 0)
+    assert target + ".weight" in lora_patcher.patches, "LoRA key not mapped"
+    patched = diffusion_forward(lora_patcher, x, 14.6, ctx)
+    diff = (patched - base).abs().max().item()
+    logger.info("sd15 + LoRA: max |delta| = %.4g", diff)
+    assert diff > 1e-4, "LoRA patch had no effect in diffusion_forward"
+    restored = diffusion_forward(sd15, x, 14.6, ctx)
+    assert torch.allclose(restored, base, atol=1e-5), "weights not restored after unpatching"
+
+    # SDXL
+    sdxl = tiny_sdxl(seed=0)
+    context, pooled = tiny_sdxl_cond(batch=2, seed=0)
+    y = sdxl_adm(sdxl, pooled, width=64, height=64)
+    out = diffusion_forward(sdxl, x, 1.0, context, y=y)
+    logger.info("sdxl: %d params, y %s, out %s finite=%s std=%.3f", n_params(sdxl.model.diffusion_model),
+                tuple(y.shape), tuple(out.shape), finite(out), out.std().item())
+    assert out.shape == x.shape and finite(out) and out.std() > 0
+    conds = sdxl.model.extra_conds(pooled_output=pooled, width=64, height=64, cross_attn=context, device=CPU)
+    assert torch.equal(conds["y"].cond, y)
+
+    # VAE
+    vae = tiny_vae(seed=0)
+    img = torch.rand((1, 64, 64, 3), generator=gen)
+    t0 = time.perf_counter()
+    lat = vae.encode(img)
+    dec = vae.decode(lat)
+    logger.info("vae: %d params, latent %s, decoded %s, finite=%s (%.3fs)", n_params(vae.first_stage_model),
+                tuple(lat.shape), tuple(dec.shape), finite(dec), time.perf_counter() - t0)
+    assert tuple(lat.shape) == (1, 4, 8, 8) and tuple(dec.shape) == (1, 64, 64, 3) and finite(lat) and finite(dec)
+
+    # Built under inference_mode -> inference tensors.
+    with torch.inference_mode():
+        inf = tiny_sd15(seed=0)
+    is_inf = all(p.is_inference() for p in inf.model.diffusion_model.parameters())
+    logger.info("parameters of a model built under inference_mode are inference tensors: %s", is_inf)
+    comfy.model_management.unload_all_models()
+    logger.info("self-check OK")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Self-check of the tiny ComfyUI test models.")
+    parser.add_argument("--comfy", required=True, help="ComfyUI directory (the one containing comfy/)")
+    ns = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    _self_check(ns.comfy)

@@ -1,0 +1,134 @@
+"""A real ComfyUI server (main.py --cpu) for tests, and a small HTTP + websocket client."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import websocket
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    base: Path
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- HTTP ------------------------------------------------------------
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, object]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            raw, status = e.read(), e.code
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def alive(self) -> bool:
+        try:
+            return self.get("/system_stats")[0] == 200
+        except OSError:
+            return False
+
+    # -- prompts -----------------------------------------------------------
+    def queue(self, prompt: dict) -> tuple[int, dict]:
+        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": self.client_id})
+
+    def run(self, prompt: dict, timeout: float = 900) -> tuple[dict, list[dict]]:
+        """Queue a prompt, follow the websocket until it finishes; return (history entry, events)."""
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+        try:
+            status, body = self.queue(prompt)
+            assert status == 200, f"POST /prompt failed ({status}): {json.dumps(body)[:2000]}"
+            pid = body["prompt_id"]
+            events = []
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                msg = ws.recv()
+                if not isinstance(msg, str):
+                    continue  # binary preview frames
+                ev = json.loads(msg)
+                events.append(ev)
+                d = ev.get("data", {})
+                if d.get("prompt_id") not in (None, pid):
+                    continue
+                if ev["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                    break
+                if ev["type"] == "executing" and d.get("node") is None and d.get("prompt_id") == pid:
+                    break
+            else:
+                raise TimeoutError(f"prompt {pid} did not finish in {timeout} s; server log: {self.log}")
+        finally:
+            ws.close()
+        return self.get(f"/history/{pid}")[1].get(pid, {}), events
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_base(base: Path, tiny_ckpt: Path) -> Path:
+    for sub in ("models/checkpoints", "models/loras", "input", "output", "user", "custom_nodes"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "custom_nodes" / "IDLoRA").symlink_to(ROOT, target_is_directory=True)
+    (base / "models" / "checkpoints" / "idlora_tiny_sd15.safetensors").symlink_to(tiny_ckpt)
+    for asset in (ROOT / "workflows" / "assets").glob("*.png"):
+        shutil.copyfile(asset, base / "input" / asset.name)
+    return base
+
+
+def start(base: Path, comfy_dir: Path, timeout: float = 120) -> Server:
+    port = free_port()
+    log = base / "server.log"
+    cmd = [sys.executable, str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+           "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=base)
+    srv = Server(base, port, proc, log)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if srv.alive():
+            return srv
+        time.sleep(0.5)
+    srv.stop()
+    raise TimeoutError(f"ComfyUI did not answer in {timeout} s:\n{log.read_text()[-4000:]}")

@@ -1,0 +1,297 @@
+"""Generate a tiny, randomly initialised SD1.5-structured checkpoint.
+
+The file is a single fp16 safetensors checkpoint that ComfyUI's stock
+``CheckpointLoaderSimple`` loads and detects as SD1.5
+(``comfy.supported_models.SD15``). It contains:
+
+* the full CLIP-L text encoder (``cond_stage_model.transformer.text_model.*``),
+* the full SD VAE (``first_stage_model.*``, ch=128, ch_mult=[1, 2, 4, 4]),
+* the smallest U-Net that ComfyUI's model detection still accepts as SD1.5
+  (``model.diffusion_model.*``, see ``TINY_SD15_UNET``).
+
+Weights are random (seeded), so images are noise: the checkpoint is only meant
+for loader, LoRA-patching and workflow tests/demos.
+
+Usage (with the python of an environment where ComfyUI's requirements are
+installed)::
+
+    python tools/tiny_checkpoint.py --comfy /path/to/ComfyUI --out tiny.safetensors [--seed 0]
+
+On success the only output on stdout is the path of the written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import zlib
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_VERSION = "1"
+
+# Smallest U-Net config that comfy.model_detection still maps to SD15: one
+# level (channel_mult [1]) with one res block + one transformer in the input
+# block (needed: detection reads context_dim from the first input-block
+# transformer), no transformer in the output blocks and no middle block at all
+# (transformer_depth_middle == -2; -1, a lone middle res block, would add
+# 2.26 M params). 13.64 M params in total. Keys are those of
+# detect_unet_config's output plus SD15.unet_extra_config (num_heads/num_head_channels).
+TINY_SD15_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [0, 0],
+    "channel_mult": [1],
+    "transformer_depth_middle": -2,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+    "num_heads": 8,
+    "num_head_channels": -1,
+}
+
+# Stock SD1.x VAE (what comfy.sd.VAE assumes for a checkpoint's first_stage_model).
+SD_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
+SD_VAE_EMBED_DIM = 4
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def setup_comfy(comfy_dir: str) -> None:
+    """Make ComfyUI importable in-process (CPU only), unless that was already done."""
+    if "comfy.cli_args" in sys.modules:
+        return
+    comfy_dir = os.path.abspath(comfy_dir)
+    if not os.path.isdir(os.path.join(comfy_dir, "comfy")):
+        raise FileNotFoundError("not a ComfyUI directory: {}".format(comfy_dir))
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (ComfyUI wants this before nodes/comfy modules)
+
+
+def tensor_seed(seed: int, key: str) -> int:
+    """Generator seed for one tensor: depends on (seed, key) only, not on key order.
+
+    torch's CPU generator (mt19937) only uses the low 32 bits of its seed, so
+    (seed, crc32(key)) is mixed into 32 bits: crc32(key) XOR (seed * golden-ratio
+    constant mod 2**32). For seed 0 this is just crc32(key); for a fixed key,
+    distinct seeds (mod 2**32) give distinct generator seeds.
+    """
+    return zlib.crc32(key.encode("utf-8")) ^ ((int(seed) * 0x9E3779B1) & 0xFFFFFFFF)
+
+
+def classify_params(module, prefix: str = "") -> dict:
+    """Map every state-dict key of ``module`` (with ``prefix``) to an init kind.
+
+    Kinds: "norm" (GroupNorm/LayerNorm weight -> 1), "embedding" (N(0, 0.02)),
+    "zero" (biases and other 1-D -> 0), "matrix" (N(0, 1/sqrt(fan_in))).
+    Norm layers are found by module type and, as a fallback, by name, because
+    several U-Net GroupNorms have no 'norm' in their names (in_layers.0, out.0).
+    """
+    import torch
+
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    kinds = {}
+    for mod_name, mod in module.named_modules():
+        for p_name, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if p is None:
+                continue
+            key = prefix + (mod_name + "." if mod_name else "") + p_name
+            lname = key.lower()
+            if isinstance(mod, torch.nn.Embedding) or lname.endswith(("token_embedding.weight", "position_embedding.weight")):
+                kind = "embedding"
+            elif p.ndim >= 2:
+                kind = "matrix"
+            elif p_name == "weight" and (
+                isinstance(mod, norm_types) or "norm" in lname or "ln_" in lname or "layer_norm" in lname
+            ):
+                kind = "norm"
+            else:
+                kind = "zero"
+            kinds[key] = kind
+    return kinds
+
+
+def seeded_tensor(key: str, shape, kind: str, seed: int, dtype=None):
+    """Deterministic tensor for ``key`` following the init rule (see classify_params)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    shape = tuple(int(s) for s in shape)
+    if kind == "norm":
+        return torch.ones(shape, dtype=dtype)
+    if kind == "zero":
+        return torch.zeros(shape, dtype=dtype)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(tensor_seed(seed, key))
+    if kind == "embedding":
+        std = 0.02
+    else:
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        # No extra down-scaling of output projections is needed: with this rule
+        # the largest activation (CLIP, VAE at 256 px, U-Net) stays below ~20.
+        std = 1.0 / math.sqrt(max(fan_in, 1))
+    out = torch.randn(shape, generator=gen, dtype=torch.float32)
+    out.mul_(std)
+    return out.to(dtype)
+
+
+def _meta_modules():
+    """Instantiate the three SD1.5 components on the meta device (shapes and names only)."""
+    import json
+
+    import torch
+    import comfy.clip_model
+    import comfy.ldm.models.autoencoder
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ops
+
+    ops = comfy.ops.disable_weight_init
+    unet = openaimodel.UNetModel(**TINY_SD15_UNET, dtype=torch.float16, device="meta", operations=ops)
+
+    clip_cfg_path = os.path.join(os.path.dirname(os.path.abspath(comfy.clip_model.__file__)), "sd1_clip_config.json")
+    with open(clip_cfg_path, encoding="utf-8") as f:
+        clip_cfg = json.load(f)
+    clip = comfy.clip_model.CLIPTextModel(clip_cfg, torch.float16, "meta", ops)
+
+    with torch.device("meta"):
+        vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=SD_VAE_EMBED_DIM)
+    return unet, clip, vae
+
+
+def build_state_dict(seed: int = 0) -> dict:
+    """Return the full fp16 checkpoint state dict (key -> CPU tensor)."""
+    import torch
+
+    unet, clip, vae = _meta_modules()
+    kinds = {}
+    shapes = {}
+    for module, prefix in ((unet, UNET_PREFIX), (vae, VAE_PREFIX), (clip, CLIP_PREFIX)):
+        sd = module.state_dict()
+        mod_kinds = classify_params(module, prefix)
+        for k, v in sd.items():
+            full = prefix + k
+            # Real SD1.5 checkpoints carry no CLIP text_projection; SD15's clip
+            # loader would not map it anyway (it renames it under text_model.).
+            if prefix == CLIP_PREFIX and not k.startswith("text_model."):
+                continue
+            kinds[full] = mod_kinds[full]
+            shapes[full] = tuple(v.shape)
+    return {k: seeded_tensor(k, shapes[k], kinds[k], seed, dtype=torch.float16) for k in sorted(shapes)}
+
+
+def check_detection(state_dict: dict):
+    """Return ComfyUI's detected model config; raise unless it is SD15."""
+    import comfy.model_detection
+    import comfy.supported_models
+
+    cfg = comfy.model_detection.model_config_from_unet(state_dict, UNET_PREFIX)
+    if cfg is None or type(cfg) is not comfy.supported_models.SD15:
+        raise RuntimeError("tiny U-Net not detected as SD15 (got {!r})".format(type(cfg).__name__ if cfg is not None else None))
+    return cfg
+
+
+def _sort_safetensors_metadata(path: str) -> None:
+    """Rewrite the header's ``__metadata__`` with sorted keys, in place.
+
+    safetensors serialises metadata from a Rust HashMap, so its key order (and
+    thus the file's bytes) changes from run to run. Sorting it keeps the header
+    length unchanged and makes the output byte-for-byte reproducible.
+    """
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw.decode("utf-8"))
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) > n:
+            logger.warning("could not normalise safetensors metadata order (header grew)")
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
+def generate(comfy_dir: str, out_path: str, seed: int = 0) -> str:
+    """Write the tiny SD1.5 checkpoint to ``out_path`` atomically; return its absolute path."""
+    setup_comfy(comfy_dir)
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    sd = build_state_dict(seed)
+    check_detection(sd)
+    n_params = sum(v.numel() for v in sd.values())
+    unet_params = sum(v.numel() for k, v in sd.items() if k.startswith(UNET_PREFIX))
+    logger.info("built %d tensors, %.1f M params (U-Net %.2f M) in %.1fs", len(sd), n_params / 1e6, unet_params / 1e6, time.perf_counter() - t0)
+
+    out_path = os.path.abspath(out_path)
+    out_dir = os.path.dirname(out_path)
+    os.makedirs(out_dir, exist_ok=True)
+    metadata = {"idlora_tiny": "sd15", "seed": str(int(seed)), "generator_version": GENERATOR_VERSION}
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(out_path) + ".", dir=out_dir)
+    os.close(fd)
+    try:
+        save_file(sd, tmp_path, metadata=metadata)
+        _sort_safetensors_metadata(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    logger.info("wrote %s (%.1f MB) in %.1fs total", out_path, os.path.getsize(out_path) / 1e6, time.perf_counter() - t0)
+    return out_path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--comfy", required=True, help="ComfyUI directory (the one containing comfy/)")
+    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, stream=sys.stderr)
+    path = generate(ns.comfy, ns.out, seed=ns.seed)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

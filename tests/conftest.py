@@ -23,8 +23,9 @@ def import_pack():
         mod = importlib.util.module_from_spec(spec)
         sys.modules["idlora"] = mod
         spec.loader.exec_module(mod)
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))  # test helpers: tiny_torch, comfy_tiny, server_util
+    for helpers in (TESTS, ROOT / "tools"):  # tiny_torch, comfy_tiny, server_util; seeded
+        if str(helpers) not in sys.path:
+            sys.path.insert(0, str(helpers))
     return sys.modules["idlora"]
 
 

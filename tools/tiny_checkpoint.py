@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import tempfile
 import time
-import zlib
+
+from seeded import seeded_state_dict  # tools/ is this script's folder
 
 logger = logging.getLogger(__name__)
 
@@ -99,73 +99,6 @@ def setup_comfy(comfy_dir: str) -> None:
     import utils.extra_config  # noqa: F401  (ComfyUI wants this before nodes/comfy modules)
 
 
-def tensor_seed(seed: int, key: str) -> int:
-    """Generator seed for one tensor: depends on (seed, key) only, not on key order.
-
-    torch's CPU generator (mt19937) only uses the low 32 bits of its seed, so
-    (seed, crc32(key)) is mixed into 32 bits: crc32(key) XOR (seed * golden-ratio
-    constant mod 2**32). For seed 0 this is just crc32(key); for a fixed key,
-    distinct seeds (mod 2**32) give distinct generator seeds.
-    """
-    return zlib.crc32(key.encode("utf-8")) ^ ((int(seed) * 0x9E3779B1) & 0xFFFFFFFF)
-
-
-def classify_params(module, prefix: str = "") -> dict:
-    """Map every state-dict key of ``module`` (with ``prefix``) to an init kind.
-
-    Kinds: "norm" (GroupNorm/LayerNorm weight -> 1), "embedding" (N(0, 0.02)),
-    "zero" (biases and other 1-D -> 0), "matrix" (N(0, 1/sqrt(fan_in))).
-    Norm layers are found by module type and, as a fallback, by name, because
-    several U-Net GroupNorms have no 'norm' in their names (in_layers.0, out.0).
-    """
-    import torch
-
-    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-    kinds = {}
-    for mod_name, mod in module.named_modules():
-        for p_name, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            if p is None:
-                continue
-            key = prefix + (mod_name + "." if mod_name else "") + p_name
-            lname = key.lower()
-            if isinstance(mod, torch.nn.Embedding) or lname.endswith(("token_embedding.weight", "position_embedding.weight")):
-                kind = "embedding"
-            elif p.ndim >= 2:
-                kind = "matrix"
-            elif p_name == "weight" and (
-                isinstance(mod, norm_types) or "norm" in lname or "ln_" in lname or "layer_norm" in lname
-            ):
-                kind = "norm"
-            else:
-                kind = "zero"
-            kinds[key] = kind
-    return kinds
-
-
-def seeded_tensor(key: str, shape, kind: str, seed: int, dtype=None):
-    """Deterministic tensor for ``key`` following the init rule (see classify_params)."""
-    import torch
-
-    dtype = torch.float32 if dtype is None else dtype
-    shape = tuple(int(s) for s in shape)
-    if kind == "norm":
-        return torch.ones(shape, dtype=dtype)
-    if kind == "zero":
-        return torch.zeros(shape, dtype=dtype)
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(tensor_seed(seed, key))
-    if kind == "embedding":
-        std = 0.02
-    else:
-        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-        # No extra down-scaling of output projections is needed: with this rule
-        # the largest activation (CLIP, VAE at 256 px, U-Net) stays below ~20.
-        std = 1.0 / math.sqrt(max(fan_in, 1))
-    out = torch.randn(shape, generator=gen, dtype=torch.float32)
-    out.mul_(std)
-    return out.to(dtype)
-
-
 def _meta_modules():
     """Instantiate the three SD1.5 components on the meta device (shapes and names only)."""
     import json
@@ -191,23 +124,16 @@ def _meta_modules():
 
 def build_state_dict(seed: int = 0) -> dict:
     """Return the full fp16 checkpoint state dict (key -> CPU tensor)."""
-    import torch
-
     unet, clip, vae = _meta_modules()
-    kinds = {}
-    shapes = {}
+    out = {}
     for module, prefix in ((unet, UNET_PREFIX), (vae, VAE_PREFIX), (clip, CLIP_PREFIX)):
-        sd = module.state_dict()
-        mod_kinds = classify_params(module, prefix)
-        for k, v in sd.items():
-            full = prefix + k
+        for key, value in seeded_state_dict(module, seed, prefix).items():
             # Real SD1.5 checkpoints carry no CLIP text_projection; SD15's clip
             # loader would not map it anyway (it renames it under text_model.).
-            if prefix == CLIP_PREFIX and not k.startswith("text_model."):
+            if prefix == CLIP_PREFIX and not key[len(prefix):].startswith("text_model."):
                 continue
-            kinds[full] = mod_kinds[full]
-            shapes[full] = tuple(v.shape)
-    return {k: seeded_tensor(k, shapes[k], kinds[k], seed, dtype=torch.float16) for k in sorted(shapes)}
+            out[key] = value.half()
+    return dict(sorted(out.items()))
 
 
 def check_detection(state_dict: dict):

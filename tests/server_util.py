@@ -97,6 +97,15 @@ class Server:
                 self.proc.kill()
 
 
+def tiny_ckpt() -> Path:
+    """The tiny SD1.5 checkpoint `./idlora test` generated (its path comes in IDLORA_TINY_CKPT)."""
+    import pytest
+    p = os.environ.get("IDLORA_TINY_CKPT")
+    if not p or not Path(p).exists():
+        pytest.fail("IDLORA_TINY_CKPT is not set to the tiny checkpoint: run the tests with ./idlora test")
+    return Path(p)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -114,12 +123,12 @@ def make_base(base: Path, tiny_ckpt: Path) -> Path:
     return base
 
 
-def start(base: Path, comfy_dir: Path, timeout: float = 120) -> Server:
+def start(base: Path, comfy_dir: Path, timeout: float = 120, extra_args: list[str] = ()) -> Server:
     port = free_port()
     log = base / "server.log"
     cmd = [sys.executable, str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
-           "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+           "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}", *extra_args]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=base)
     srv = Server(base, port, proc, log)

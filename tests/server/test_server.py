@@ -3,7 +3,6 @@ bad inputs, and the saved LoRA file checked against the trainer's own forward.""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "api" / "idlora_train_lora.json"
 
 
-def tiny_ckpt() -> Path:
-    p = os.environ.get("IDLORA_TINY_CKPT")
-    if not p or not Path(p).exists():
-        pytest.fail("IDLORA_TINY_CKPT is not set to the tiny checkpoint: run the tests with ./idlora test")
-    return Path(p)
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     from conftest import comfy_dir
-    base = server_util.make_base(tmp_path_factory.mktemp("server"), tiny_ckpt())
+    base = server_util.make_base(tmp_path_factory.mktemp("server"), server_util.tiny_ckpt())
     s = server_util.start(base, comfy_dir())
     yield s
     s.stop()
@@ -92,7 +84,7 @@ def test_saved_lora_reproduces_trainer_forward_in_stock_loader(srv, comfy, tmp_p
     assert meta["idlora_method"] == "lora" and meta["idlora_base_model"] == "sd15"
     assert json.loads(meta["idlora_config"])["rank"] == 8
 
-    model = comfy.sd.load_checkpoint_guess_config(str(tiny_ckpt()), output_vae=False, output_clip=False)[0]
+    model = comfy.sd.load_checkpoint_guess_config(str(server_util.tiny_ckpt()), output_vae=False, output_clip=False)[0]
     diffusion = ComfyDiffusion(model)
     net = LoraNetwork(select_targets(diffusion.denoiser, meta["idlora_targets"]), rank=8)
     by_stem = {k.replace(".", "_"): k for k in net.names}
@@ -188,3 +180,21 @@ def test_empty_image_batch_is_a_clear_error(comfy):
     with pytest.raises(TrainingInputError, match="images .*empty.*connect at least one image"):
         TrainLoRA.execute(None, None, None, torch.zeros(0, 64, 64, 3), "x", 1, 1e-4, 4, 0.0, "attn", 1, 0,
                           False, "auto")
+
+
+UI_WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("ui_path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_ui_workflow_and_api_twin_do_not_drift(srv, ui_path):
+    """The UI file, converted as the frontend's "Export (API)" does, is the API twin."""
+    from workflow_convert import to_api
+    strip = lambda api: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}  # noqa: E731
+    twin = ROOT / "workflows" / "api" / ui_path.name
+    assert twin.exists(), f"{ui_path.name} has no API twin in workflows/api/"
+    info = srv.get("/object_info")[1]
+    assert strip(to_api(json.loads(ui_path.read_text()), info)) == strip(json.loads(twin.read_text()))
+
+
+def test_every_api_twin_has_a_ui_workflow():
+    assert {p.name for p in (ROOT / "workflows" / "api").glob("*.json")} == {p.name for p in UI_WORKFLOWS}

@@ -9,6 +9,7 @@ one seeded generator, so a run is reproducible on the CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -264,6 +265,53 @@ class LoraTrainer:
         log.info("trained %s for %d steps in %.1f s (final loss %.4f)", self.method, self.step,
                  time.perf_counter() - t0, self.losses[-1])
         return self.bundle()
+
+    # -- checkpoints and jobs ------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly: adapter, optimizer, scheduler, RNG, step."""
+        return {
+            "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+            "alphas": {n: layer.alpha for n, layer in self.network.items()},
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot, not live moments
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "losses": list(self.losses),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        for n, layer in self.network.items():
+            layer.alpha = float(state["alphas"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.losses = [float(v) for v in state["losses"]]
+
+    def run_in_job(self, ctx, phase: str = "train") -> None:
+        """Train inside a job: resume from its checkpoint (same phase), report progress, checkpoint every
+        N steps, and on cancel or failure leave a checkpoint of the last completed step."""
+        state = ctx.load_checkpoint()
+        if state is not None and state.get("phase", phase) == phase:
+            self.load_state_dict(state)
+            ctx.rewind(self.step)
+        with self.session():
+            try:
+                while self.step < self.cfg.steps:
+                    ctx.token.raise_if_cancelled()
+                    loss = self.train_step()
+                    ctx.progress(self.step, self.cfg.steps, loss, phase)
+                    if ctx.checkpoint_due(self.step):
+                        ctx.save_checkpoint(self.state_dict())
+            except BaseException:
+                ctx.save_checkpoint(self.state_dict())
+                raise
 
     # -- output ------------------------------------------------------------
     def metadata(self) -> dict[str, str]:

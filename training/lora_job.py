@@ -1,0 +1,70 @@
+"""Plain LoRA training as a background job (see training/jobs.py).
+
+The task persists its cached training data (latents, conditioning, prompts) in the
+job folder at submit, and records how to rebuild the model in its config, so that a
+resume, in this process or after a restart, rebuilds it without the graph that
+started it. The LoRA is written, atomically, only when training completes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .diffusion import DiffusionModel
+from .lora_format import atomic_path, save_lora
+from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
+
+ModelLoader = Callable[[dict], DiffusionModel]  # config["model_source"] -> model
+
+
+class LoraJobTask:
+    kind = "lora"
+    phases = ["train"]
+
+    def __init__(self, cfg: LoraTrainConfig, output_path: str, lora_name: str, model_source: dict,
+                 model_loader: ModelLoader, data: TrainData | None = None, trainer_cls: type = LoraTrainer):
+        self.cfg = cfg.validate()
+        self.data, self.model_loader, self.trainer_cls = data, model_loader, trainer_cls
+        self.config = {"train": asdict(cfg), "output_path": output_path, "lora_name": lora_name,
+                       "model_source": model_source}
+
+    @classmethod
+    def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "LoraJobTask":
+        return cls(LoraTrainConfig.from_dict(config["train"]), config["output_path"], config["lora_name"],
+                   config["model_source"], model_loader, data=load_data(job_dir))
+
+    def prepare(self, job_dir: Path) -> None:
+        save_data(self.data, job_dir)
+
+    def run(self, ctx) -> dict:
+        model = self.model_loader(self.config["model_source"])
+        data = self.data if self.data is not None else load_data(ctx.dir)
+        data = TrainData(data.latents.to(model.device), {k: v.to(model.device) for k, v in data.cond.items()},
+                         data.prompts)
+        trainer = self.trainer_cls(model, data, self.cfg)
+        trainer.run_in_job(ctx)
+        bundle = trainer.bundle()
+        bundle.metadata["idlora_job"] = ctx.job.id
+        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32)
+        ctx.log.info("saved %s", self.config["output_path"])
+        return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
+                "final_loss": trainer.losses[-1] if trainer.losses else None}
+
+
+def save_data(data: TrainData, job_dir: Path) -> None:
+    payload = {"latents": data.latents.detach().cpu(), "cond": {k: v.detach().cpu() for k, v in data.cond.items()},
+               "prompts": list(data.prompts)}
+    with atomic_path(Path(job_dir) / "data.pt") as tmp:
+        torch.save(payload, tmp)
+
+
+def load_data(job_dir: Path) -> TrainData:
+    path = Path(job_dir) / "data.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (its cached training data); the job cannot "
+                                f"be rebuilt: start it again from its workflow")
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    return TrainData(d["latents"], d["cond"], d["prompts"])

@@ -42,7 +42,10 @@ class ComfyDiffusion:
     because autograd cannot save inference tensors for the backward pass.
     """
 
-    def __init__(self, model, clip=None, vae=None):
+    def __init__(self, model, clip=None, vae=None, load: str = "shared"):
+        """``load``: "shared" puts the model on the device through ComfyUI's model management (for training
+        inside a prompt); "private" patches it onto the device outside ComfyUI's list of loaded models, so
+        that nothing can evict it (background jobs, which own a model of their own); "none" only encodes."""
         self.patcher = model.clone()
         self.clip, self.vae = clip, vae
         base = self.patcher.model
@@ -50,7 +53,10 @@ class ComfyDiffusion:
             raise UnsupportedModelError(
                 f"IDLoRA trains eps- and v-prediction U-Nets (SD1.x, SD2.x, SDXL); this model is "
                 f"{type(base.model_config).__name__} with prediction {base.model_type.name}")
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        if load == "shared":
+            comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        elif load == "private":
+            self.patcher.patch_model(device_to=self.patcher.load_device)
         self.base = base
         self.denoiser = base.diffusion_model
         self.prediction_type = _PREDICTION[base.model_type]

@@ -11,12 +11,15 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from ..models.lora import PRESET_DOCS, PRESETS
 from ..training.lora_format import LoraBundle, LoraFormatError, load_lora, sanitize_save_name, save_lora
+from ..training.lora_job import LoraJobTask
 from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, check_images, prepare_data, split_prompts
 from ..training.loss_plot import plot_losses
-from ..models.lora import PRESET_DOCS, PRESETS
+from . import model_source
 from .comfy_adapter import ComfyDiffusion, apply_lora
-from .types import LoraHandle, LoraNameOutput
+from .job_service import load_private_model, manager
+from .types import JobHandle, LoraHandle, LoraNameOutput
 
 log = logging.getLogger(__name__)
 CATEGORY = "IDLoRA"
@@ -77,26 +80,55 @@ class TrainLoRA(io.ComfyNode):
                                          "about 30% slower."),
                 io.Combo.Input("precision", options=["auto", "fp32", "bf16", "fp16"], default=D.precision,
                                tooltip="auto: bf16 autocast on CUDA when supported, fp32 on the CPU."),
+                io.Combo.Input("mode", options=["blocking", "background"], default="blocking", optional=True,
+                               tooltip="blocking: train inside this prompt and output the LoRA. background: start "
+                                       "a job and output its id at once (connect 'job' to IDLoRA Wait for Job); "
+                                       "the LoRA is written to models/loras/idlora/<job_name>.safetensors when it "
+                                       "completes. Each queue run starts a new job."),
+                io.String.Input("job_name", default="idlora_lora", optional=True,
+                                tooltip="Background mode: the name of the job and of its LoRA file."),
             ],
             outputs=[
-                LoraHandle.Output(display_name="lora", tooltip="The trained LoRA (connect to Save / Apply)."),
-                io.LossMap.Output(display_name="loss", tooltip="Loss per step (connect to IDLoRA Loss Plot)."),
+                LoraHandle.Output(display_name="lora", tooltip="The trained LoRA (blocking mode; connect to "
+                                                               "Save / Apply)."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step (blocking mode; connect to IDLoRA "
+                                                               "Loss Plot)."),
+                JobHandle.Output(display_name="job", tooltip="The job id (background mode)."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, mode: str = "blocking", **kwargs):
+        return float("nan") if mode == "background" else ""  # a new job per queue run
+
+    @classmethod
     def execute(cls, model, clip, vae, images, prompt, steps, learning_rate, rank, alpha, targets,
-                batch_size, seed, gradient_checkpointing, precision, target_pattern="") -> io.NodeOutput:
+                batch_size, seed, gradient_checkpointing, precision, target_pattern="", mode="blocking",
+                job_name="idlora_lora") -> io.NodeOutput:
         cfg = LoraTrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
                               targets=target_pattern.strip() or targets, batch_size=batch_size, seed=seed,
                               gradient_checkpointing=gradient_checkpointing, precision=precision).validate()
         split_prompts(prompt, check_images(images).shape[0])  # fail fast, before the model loads
+        if mode == "background":
+            return cls.start_job(model, clip, vae, images, prompt, cfg, job_name)
         with torch.inference_mode(False):
             diffusion = ComfyDiffusion(model, clip, vae)
             data = prepare_data(diffusion, images.clone(), prompt)
             trainer = LoraTrainer(diffusion, data, cfg)
             bundle = trainer.run(progress_callback(cfg.steps))
-        return io.NodeOutput(bundle, {"loss": trainer.losses})
+        return io.NodeOutput(bundle, {"loss": trainer.losses}, "")
+
+    @classmethod
+    def start_job(cls, model, clip, vae, images, prompt, cfg, job_name) -> io.NodeOutput:
+        fname = sanitize_save_name(job_name)
+        source = model_source.record(cls.hidden.prompt, cls.hidden.unique_id)
+        with torch.inference_mode(False):
+            data = prepare_data(ComfyDiffusion(model, clip, vae, load="none"), images.clone(), prompt)
+        task = LoraJobTask(cfg, os.path.join(idlora_lora_dir(), fname), f"{LORA_SUBDIR}/{fname}", source,
+                           load_private_model, data=data)
+        job = manager().submit(task, name=fname[:-len(".safetensors")])
+        return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
 
 
 class SaveLoRA(io.ComfyNode):
@@ -123,6 +155,7 @@ class SaveLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora: LoraBundle, name: str, overwrite: bool) -> io.NodeOutput:
+        require_lora(lora)
         fname = sanitize_save_name(name)
         folder = idlora_lora_dir()
         path = os.path.join(folder, fname)
@@ -156,6 +189,12 @@ class LoadLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, lora_name: str) -> io.NodeOutput:
         return io.NodeOutput(load_lora(resolve_lora_path(lora_name)))
+
+
+def require_lora(lora) -> None:
+    if lora is None:
+        raise ValueError("the LoRA input is empty: a training node in background mode outputs no LoRA; connect "
+                         "its 'job' output to IDLoRA Wait for Job and take the LoRA from there")
 
 
 def resolve_lora_path(lora_name: str) -> str:
@@ -193,6 +232,7 @@ class ApplyLoRA(io.ComfyNode):
             if lora_name in (None, "", "none"):
                 raise ValueError("no LoRA given: connect a LoRA handle to 'lora' or choose a file in 'lora_name'")
             lora = load_lora(resolve_lora_path(lora_name))
+        require_lora(lora)
         patched, report = apply_lora(model, lora, strength)
         log.info("IDLoRA Apply LoRA: %s", report.summary())
         return io.NodeOutput(patched)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 LoraHandle = io.Custom("IDLORA_LORA")  # a training.lora_format.LoraBundle
+JobHandle = io.Custom("IDLORA_JOB")    # a job id (str) of nodes.job_service.manager()
 
 
 class _LinksToCombo(str):

@@ -1,0 +1,109 @@
+"""Nodes around background jobs: wait for one, look at one, cancel one."""
+from __future__ import annotations
+
+import json
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io
+
+from ..training.jobs import JobState
+from ..training.lora_format import load_lora
+from .job_service import manager
+from .types import JobHandle, LoraHandle, LoraNameOutput
+
+CATEGORY = "IDLoRA/jobs"
+_JOB_TIP = "A job id, from a training node in background mode."
+
+
+def _job_id(job: str) -> str:
+    if not job:
+        raise ValueError("job is empty: connect the 'job' output of a training node set to mode 'background'")
+    return job
+
+
+class WaitForJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRAWaitForJob",
+            display_name="IDLoRA Wait for Job",
+            category=CATEGORY,
+            description="Block until a background job ends and return its LoRA. ComfyUI's Cancel stops the "
+                        "waiting, not the job.",
+            inputs=[JobHandle.Input("job", tooltip=_JOB_TIP)],
+            outputs=[LoraHandle.Output(display_name="lora", tooltip="The job's LoRA, read from its file."),
+                     LoraNameOutput(display_name="lora_name", tooltip="The LoRA file under models/loras (for the "
+                                                                     "stock LoraLoader)."),
+                     io.LossMap.Output(display_name="loss", tooltip="The job's loss history.")],
+        )
+
+    @classmethod
+    def execute(cls, job: str) -> io.NodeOutput:
+        m = manager()
+        j = m.get(_job_id(job))
+        bar = comfy.utils.ProgressBar(max(j.status.total, 1))
+        while not j.done.wait(0.25):
+            bar.update_absolute(j.status.step, max(j.status.total, 1))
+            comfy.model_management.throw_exception_if_processing_interrupted()  # ends the wait only
+        st = j.status
+        if st.state != JobState.SUCCEEDED:
+            raise RuntimeError(f"job {job} ended {st.state.value}" + (f": {st.error}" if st.error else "") +
+                               f". Resume it with POST /idlora/jobs/{job}/resume or the IDLoRA jobs panel")
+        bar.update_absolute(st.total, max(st.total, 1))
+        losses = [r["loss"] for r in m.losses(job)]
+        return io.NodeOutput(load_lora(st.result["path"]), st.result["lora"], {"loss": losses})
+
+
+class JobStatusNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRAJobStatus",
+            display_name="IDLoRA Job Status",
+            category=CATEGORY,
+            description="The state and progress of a background job, at the moment the node runs.",
+            is_output_node=True,
+            inputs=[JobHandle.Input("job", tooltip=_JOB_TIP)],
+            outputs=[io.String.Output(display_name="state", tooltip="queued, running, succeeded, failed, "
+                                                                    "cancelled or interrupted"),
+                     io.Float.Output(display_name="progress", tooltip="Fraction of steps done, 0 to 1."),
+                     io.String.Output(display_name="status_json", tooltip="The whole status as JSON.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, job: str):
+        return float("nan")  # never cached: the status changes while the job runs
+
+    @classmethod
+    def execute(cls, job: str) -> io.NodeOutput:
+        st = manager().get(_job_id(job)).status
+        progress = st.step / st.total if st.total else 0.0
+        text = f"{st.name}: {st.state.value} {st.step}/{st.total}" + (f" ({st.error})" if st.error else "")
+        return io.NodeOutput(st.state.value, progress, json.dumps(st.to_json()), ui={"text": [text]})
+
+
+class CancelJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRACancelJob",
+            display_name="IDLoRA Cancel Job",
+            category=CATEGORY,
+            description="Cancel a queued or running job. A running job saves a checkpoint and can be resumed.",
+            is_output_node=True,
+            inputs=[JobHandle.Input("job", tooltip=_JOB_TIP)],
+            outputs=[io.String.Output(display_name="state", tooltip="The job's state after the request.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, job: str):
+        return float("nan")
+
+    @classmethod
+    def execute(cls, job: str) -> io.NodeOutput:
+        j = manager().cancel(_job_id(job))
+        return io.NodeOutput(j.status.state.value, ui={"text": [f"{job}: cancel requested"]})
+
+
+NODES = [WaitForJob, JobStatusNode, CancelJob]

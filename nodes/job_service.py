@@ -1,0 +1,56 @@
+"""The one JobManager of this ComfyUI process, wired to its websocket and folders.
+
+Device policy (a lease): a background job trains a model of its own, rebuilt from the
+recorded loader nodes (nodes/model_source.py) and patched onto the device outside
+ComfyUI's list of loaded models. A generation prompt therefore cannot evict or
+re-patch the job's weights in the middle of a step, and ComfyUI, which reads free
+device memory from the driver, plans its own loads around the memory the job holds
+(on a small GPU it falls back to partial loading instead of running out of memory).
+The lease ends with the job: its model is dropped and the cache emptied. The cost
+is one more copy of the U-Net in device memory while a job runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import comfy.model_management
+import folder_paths
+
+from ..training.jobs import JobManager
+from ..training.lora_job import LoraJobTask
+from . import model_source
+from .comfy_adapter import ComfyDiffusion
+
+log = logging.getLogger(__name__)
+_manager: JobManager | None = None
+_lock = threading.Lock()
+CHECKPOINT_EVERY = int(os.environ.get("IDLORA_CHECKPOINT_EVERY", "50"))
+
+
+def jobs_root() -> str:
+    return os.path.join(folder_paths.get_user_directory(), "idlora", "jobs")
+
+
+def send_event(name: str, payload: dict) -> None:
+    from server import PromptServer  # thread-safe: send_sync hands the message to the event loop
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_sync(name, payload)
+
+
+def load_private_model(source: dict) -> ComfyDiffusion:
+    return ComfyDiffusion(model_source.rebuild(source), load="private")
+
+
+def manager() -> JobManager:
+    global _manager
+    with _lock:
+        if _manager is None:
+            _manager = JobManager(jobs_root(), events=send_event, checkpoint_every=CHECKPOINT_EVERY,
+                                  on_job_end=comfy.model_management.soft_empty_cache)
+            _manager.register("lora", lambda cfg, d: LoraJobTask.from_config(cfg, d, load_private_model))
+            interrupted = [j.id for j in _manager.list() if j.status.state.value == "interrupted"]
+            if interrupted:
+                log.info("IDLoRA: %d interrupted job(s) can be resumed: %s", len(interrupted), interrupted)
+        return _manager

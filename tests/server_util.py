@@ -47,6 +47,14 @@ class Server:
         except ValueError:
             return status, raw
 
+    def raw_post(self, path: str, data: bytes) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, data=data, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
     def get(self, path: str):
         return self.request("GET", path)
 
@@ -123,13 +131,14 @@ def make_base(base: Path, tiny_ckpt: Path) -> Path:
     return base
 
 
-def start(base: Path, comfy_dir: Path, timeout: float = 120, extra_args: list[str] = ()) -> Server:
+def start(base: Path, comfy_dir: Path, timeout: float = 120, extra_args: list[str] = (),
+          env: dict | None = None) -> Server:
     port = free_port()
     log = base / "server.log"
     cmd = [sys.executable, str(comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
            "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}", *extra_args]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=base)
     srv = Server(base, port, proc, log)
     deadline = time.time() + timeout

@@ -128,6 +128,9 @@ def make_base(base: Path, tiny_ckpt: Path) -> Path:
     (base / "models" / "checkpoints" / "idlora_tiny_sd15.safetensors").symlink_to(tiny_ckpt)
     for asset in (ROOT / "workflows" / "assets").glob("*.png"):
         shutil.copyfile(asset, base / "input" / asset.name)
+    settings = base / "user" / "default" / "comfy.settings.json"  # no first-run template dialog in the browser
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
     return base
 
 

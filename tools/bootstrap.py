@@ -164,8 +164,21 @@ def cmd_start(a: argparse.Namespace) -> None:
     os.execv(cmd[0], cmd)
 
 
+def ensure_chromium() -> None:
+    """Debian's chromium for the browser tests (Playwright drives it; it never downloads a browser)."""
+    if shutil.which("chromium"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit("[idlora] the browser tests need Debian's chromium: run `sudo apt-get install chromium`")
+    say("installing Debian's chromium for the browser tests (once, about 30 s)")
+    run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL)
+    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], stdout=subprocess.DEVNULL,
+        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
 def cmd_test(a: argparse.Namespace) -> None:
     ensure_venv()
+    ensure_chromium()
     ensure_tiny_checkpoint()
     env = dict(os.environ, IDLORA_COMFY_DIR=str(comfy_dir()), IDLORA_TINY_CKPT=str(ensure_tiny_checkpoint()),
                HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")

@@ -87,6 +87,10 @@ class TrainLoRA(io.ComfyNode):
                                        "completes. Each queue run starts a new job."),
                 io.String.Input("job_name", default="idlora_lora", optional=True,
                                 tooltip="Background mode: the name of the job and of its LoRA file."),
+                io.Int.Input("sample_every", default=25, min=0, max=100000, optional=True,
+                             tooltip="Background mode: every N steps, a preview of the model's denoised "
+                                     "estimate of the first image (latent-to-RGB, no VAE) goes to the jobs "
+                                     "panel. 0: none."),
             ],
             outputs=[
                 LoraHandle.Output(display_name="lora", tooltip="The trained LoRA (blocking mode; connect to "
@@ -105,13 +109,13 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, prompt, steps, learning_rate, rank, alpha, targets,
                 batch_size, seed, gradient_checkpointing, precision, target_pattern="", mode="blocking",
-                job_name="idlora_lora") -> io.NodeOutput:
+                job_name="idlora_lora", sample_every=25) -> io.NodeOutput:
         cfg = LoraTrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
                               targets=target_pattern.strip() or targets, batch_size=batch_size, seed=seed,
                               gradient_checkpointing=gradient_checkpointing, precision=precision).validate()
         split_prompts(prompt, check_images(images).shape[0])  # fail fast, before the model loads
         if mode == "background":
-            return cls.start_job(model, clip, vae, images, prompt, cfg, job_name)
+            return cls.start_job(model, clip, vae, images, prompt, cfg, job_name, sample_every)
         with torch.inference_mode(False):
             diffusion = ComfyDiffusion(model, clip, vae)
             data = prepare_data(diffusion, images.clone(), prompt)
@@ -120,13 +124,13 @@ class TrainLoRA(io.ComfyNode):
         return io.NodeOutput(bundle, {"loss": trainer.losses}, "")
 
     @classmethod
-    def start_job(cls, model, clip, vae, images, prompt, cfg, job_name) -> io.NodeOutput:
+    def start_job(cls, model, clip, vae, images, prompt, cfg, job_name, sample_every) -> io.NodeOutput:
         fname = sanitize_save_name(job_name)
         source = model_source.record(cls.hidden.prompt, cls.hidden.unique_id)
         with torch.inference_mode(False):
             data = prepare_data(ComfyDiffusion(model, clip, vae, load="none"), images.clone(), prompt)
         task = LoraJobTask(cfg, os.path.join(idlora_lora_dir(), fname), f"{LORA_SUBDIR}/{fname}", source,
-                           load_private_model, data=data)
+                           load_private_model, data=data, sample_every=sample_every)
         job = manager().submit(task, name=fname[:-len(".safetensors")])
         return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
 

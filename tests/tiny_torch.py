@@ -100,6 +100,9 @@ class TinyDiffusion:
         x = F.avg_pool2d(x, 8)
         return torch.einsum("oc,bchw->bohw", self.vae_proj, x)
 
+    def preview(self, latents):
+        return ((latents[0, :3].movedim(0, -1) + 1) / 2).clamp(0, 1)
+
     def encode_prompts(self, prompts, width, height):
         rows = []
         for p in prompts:

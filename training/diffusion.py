@@ -39,6 +39,9 @@ class DiffusionModel(Protocol):
     def encode_prompts(self, prompts: list[str], width: int, height: int) -> Cond:
         """One conditioning row per prompt, for images of the given pixel size."""
 
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """A quick (H, W, 3) image in [0, 1] of the first latent, for progress samples."""
+
 
 def sd_sigmas(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """Stable Diffusion's scaled-linear schedule as k-diffusion sigmas (ascending)."""

@@ -25,16 +25,18 @@ class LoraJobTask:
     phases = ["train"]
 
     def __init__(self, cfg: LoraTrainConfig, output_path: str, lora_name: str, model_source: dict,
-                 model_loader: ModelLoader, data: TrainData | None = None, trainer_cls: type = LoraTrainer):
+                 model_loader: ModelLoader, data: TrainData | None = None, trainer_cls: type = LoraTrainer,
+                 sample_every: int = 0):
         self.cfg = cfg.validate()
         self.data, self.model_loader, self.trainer_cls = data, model_loader, trainer_cls
         self.config = {"train": asdict(cfg), "output_path": output_path, "lora_name": lora_name,
-                       "model_source": model_source}
+                       "model_source": model_source, "sample_every": int(sample_every)}
 
     @classmethod
     def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "LoraJobTask":
         return cls(LoraTrainConfig.from_dict(config["train"]), config["output_path"], config["lora_name"],
-                   config["model_source"], model_loader, data=load_data(job_dir))
+                   config["model_source"], model_loader, data=load_data(job_dir),
+                   sample_every=config.get("sample_every", 0))
 
     def prepare(self, job_dir: Path) -> None:
         save_data(self.data, job_dir)
@@ -45,7 +47,7 @@ class LoraJobTask:
         data = TrainData(data.latents.to(model.device), {k: v.to(model.device) for k, v in data.cond.items()},
                          data.prompts)
         trainer = self.trainer_cls(model, data, self.cfg)
-        trainer.run_in_job(ctx)
+        trainer.run_in_job(ctx, sample_every=self.config["sample_every"])
         bundle = trainer.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
         save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32)

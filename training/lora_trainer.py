@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..models.lora import PRESETS, LoraConfigError, LoraNetwork, check_rank_alpha, select_targets
-from .diffusion import Cond, DiffusionModel, add_noise, target
+from .diffusion import Cond, DiffusionModel, add_noise, target, to_x0
 from .lora_format import LoraBundle, LoraWeight
 
 log = logging.getLogger(__name__)
@@ -294,9 +294,21 @@ class LoraTrainer:
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"]]
 
-    def run_in_job(self, ctx, phase: str = "train") -> None:
+    @torch.no_grad()
+    def preview(self) -> torch.Tensor:
+        """The model's x0 estimate of the first training latent at mid noise, with the LoRA, as an image.
+        Uses a generator of its own, so previews never change the training run."""
+        g = torch.Generator().manual_seed(self.cfg.seed + 1)
+        x0, cond = self.data.batch(torch.tensor([0], device=self.data.latents.device))
+        sigma = self.model.sigmas[len(self.model.sigmas) // 2].reshape(1).to(x0.device)
+        x_t = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0.device), sigma)
+        out = self.model.net_forward(x_t, sigma, cond)
+        return self.model.preview(to_x0(self.model.prediction_type, out.float(), x_t, sigma))
+
+    def run_in_job(self, ctx, phase: str = "train", sample_every: int = 0) -> None:
         """Train inside a job: resume from its checkpoint (same phase), report progress, checkpoint every
-        N steps, and on cancel or failure leave a checkpoint of the last completed step."""
+        N steps, a preview sample every ``sample_every`` steps, and on cancel or failure leave a checkpoint
+        of the last completed step."""
         state = ctx.load_checkpoint()
         if state is not None and state.get("phase", phase) == phase:
             self.load_state_dict(state)
@@ -309,6 +321,8 @@ class LoraTrainer:
                     ctx.progress(self.step, self.cfg.steps, loss, phase)
                     if ctx.checkpoint_due(self.step):
                         ctx.save_checkpoint(self.state_dict())
+                    if sample_every and (self.step % sample_every == 0 or self.step == self.cfg.steps):
+                        ctx.add_sample(self.preview().cpu().numpy(), self.step)
             except BaseException:
                 ctx.save_checkpoint(self.state_dict())
                 raise

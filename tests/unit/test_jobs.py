@@ -22,12 +22,12 @@ def _loader(source: dict) -> TinyDiffusion:
     return TinyDiffusion(seed=source["seed"])
 
 
-def _task(tmp_path, name: str, trainer_cls=LoraTrainer, **cfg) -> LoraJobTask:
+def _task(tmp_path, name: str, trainer_cls=LoraTrainer, sample_every=0, **cfg) -> LoraJobTask:
     model = TinyDiffusion(seed=0)
     data = prepare_data(model, images(2), "a photo of sks person")
     out = tmp_path / "loras" / f"{name}.safetensors"
     return LoraJobTask(LoraTrainConfig(**{**CFG, **cfg}), str(out), f"idlora/{name}.safetensors", {"seed": 0},
-                       _loader, data=data, trainer_cls=trainer_cls)
+                       _loader, data=data, trainer_cls=trainer_cls, sample_every=sample_every)
 
 
 class SlowTrainer(LoraTrainer):
@@ -200,3 +200,18 @@ def test_checkpoint_round_trip_restores_trainer_exactly():
     with b.session():
         lb = [b.train_step() for _ in range(3)]
     assert la == lb and b.step == 6
+
+
+def test_samples_are_written_and_do_not_change_the_lora(manager, tmp_path):
+    a = manager.submit(_task(tmp_path, "plain"), name="plain")
+    b = manager.submit(_task(tmp_path, "sampled", sample_every=5), name="sampled")
+    manager.wait(b.id, 60)
+    assert manager.samples(b.id) == ["step_000005.png", "step_000010.png", "step_000012.png"]
+    assert manager.samples(a.id) == []
+    from PIL import Image
+    img = Image.open(b.dir / "samples" / "step_000010.png")
+    assert img.size == (4, 4) and img.mode == "RGB"  # tiny model: 4x4 latents, preview is (h, w, 3)
+    sent = [p for n, p in manager.events_seen if n == "idlora.sample"]
+    assert [p["file"] for p in sent] == manager.samples(b.id)
+    la, lb = load_lora(a.status.result["path"]), load_lora(b.status.result["path"])
+    assert all(torch.equal(la.weights[k].up, lb.weights[k].up) for k in la.weights)

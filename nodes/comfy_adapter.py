@@ -57,6 +57,9 @@ class ComfyDiffusion:
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         elif load == "private":
             self.patcher.patch_model(device_to=self.patcher.load_device)
+            if base.manual_cast_dtype is not None:
+                base.diffusion_model.to(base.manual_cast_dtype)
+            _plain_torch_layers(base.diffusion_model)
         self.base = base
         self.denoiser = base.diffusion_model
         self.prediction_type = _PREDICTION[base.model_type]
@@ -125,6 +128,20 @@ def _crop_to_multiple(images: torch.Tensor, m: int) -> torch.Tensor:
         raise ValueError(f"images of {images.shape[2]}x{images.shape[1]} px are too small: use at least {m}x{m}")
     y, x = (images.shape[1] - h) // 2, (images.shape[2] - w) // 2
     return images[:, y:y + h, x:x + w]
+
+
+def _plain_torch_layers(module: torch.nn.Module) -> None:
+    """Turn ComfyUI's layer classes (comfy.ops) into the torch classes they derive from.
+
+    ComfyUI's layers check, and clear, the global interrupt flag on every forward. That flag belongs
+    to the running prompt, so a background job's private model must not look at it (else ComfyUI's
+    Cancel button would stop the job, and the prompt would miss its own cancel). The weights are
+    already patched, on the device and in the compute dtype, so the plain forward is the same.
+    """
+    for m in module.modules():
+        cls = type(m)
+        if cls.__module__ == "comfy.ops":
+            m.__class__ = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
 
 
 @torch.no_grad()

@@ -94,7 +94,12 @@ class Server:
                 raise TimeoutError(f"prompt {pid} did not finish in {timeout} s; server log: {self.log}")
         finally:
             ws.close()
-        return self.get(f"/history/{pid}")[1].get(pid, {}), events
+        for _ in range(300):  # the history entry is written just after the last event
+            entry = self.get(f"/history/{pid}")[1].get(pid, {})
+            if entry.get("status", {}).get("completed") is not None:
+                break
+            time.sleep(0.1)
+        return entry, events
 
     def stop(self) -> None:
         if self.proc.poll() is None:

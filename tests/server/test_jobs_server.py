@@ -185,3 +185,22 @@ def test_kill_9_then_restart_shows_interrupted_and_resumes(base, srv):
         assert steps == list(range(1, 61))
     finally:
         s2.stop()
+
+
+def test_comfy_cancel_stops_the_waiting_not_the_job(srv):
+    import threading as th
+    job = start_job(srv, "waited", steps=300)
+    wait_for(srv, job, lambda s: s["state"] == "running")
+    prompt = {"1": {"class_type": "IDLoRAWaitForJob", "inputs": {"job": job}},
+              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    result = {}
+    t = th.Thread(target=lambda: result.update(zip(("hist", "events"), srv.run(prompt))))
+    t.start()
+    time.sleep(3)
+    assert srv.request("POST", "/interrupt")[0] == 200
+    t.join(60)
+    assert result["hist"]["status"]["status_str"] == "error"  # interrupted prompt
+    assert "execution_interrupted" in [m[0] for m in result["hist"]["status"]["messages"]]
+    assert status(srv, job)["state"] == "running"
+    srv.request("POST", f"/idlora/jobs/{job}/cancel")
+    wait_for(srv, job, done)

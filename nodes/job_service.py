@@ -35,7 +35,7 @@ def jobs_root() -> str:
 
 def send_event(name: str, payload: dict) -> None:
     from server import PromptServer  # thread-safe: send_sync hands the message to the event loop
-    if PromptServer.instance is not None:
+    if getattr(PromptServer, "instance", None) is not None:
         PromptServer.instance.send_sync(name, payload)
 
 

@@ -122,6 +122,6 @@ def register(routes: web.RouteTableDef) -> None:
 
 def register_with_server() -> None:
     from server import PromptServer
-    if PromptServer.instance is None:  # imported outside a server (in-process tests)
+    if getattr(PromptServer, "instance", None) is None:  # imported outside a server (in-process tests)
         return
     register(PromptServer.instance.routes)

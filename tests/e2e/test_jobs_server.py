@@ -163,9 +163,9 @@ def test_route_errors(srv):
     assert code == 200 and any(j["id"] == job for j in body["jobs"])
 
 
-def test_kill_9_then_restart_shows_interrupted_and_resumes(base, srv):
+def test_kill_9_then_restart_shows_interrupted_and_resumes(tmp_path):
     from conftest import comfy_dir
-    srv.stop()  # this test owns the base folder from here on
+    base = server_util.make_base(tmp_path / "crash", server_util.tiny_ckpt())
     s1 = server_util.start(base, comfy_dir(), env={"IDLORA_CHECKPOINT_EVERY": "5"})
     job = start_job(s1, "crash", steps=60)
     wait_for(s1, job, lambda s: s["step"] >= 12)

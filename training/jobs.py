@@ -39,7 +39,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from .lora_format import atomic_path, atomic_write_bytes
+from .fileio import atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from .diffusion import DiffusionModel
-from .lora_format import atomic_path, save_lora
+from .fileio import atomic_path
+from .lora_format import save_lora
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 
 ModelLoader = Callable[[dict], DiffusionModel]  # config["model_source"] -> model

@@ -2,20 +2,17 @@
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO_ROOT)
-
-from training import lora_format  # noqa: E402
-from training.lora_format import (  # noqa: E402
-    LoraBundle, LoraFormatError, LoraWeight, MatchReport, atomic_path, atomic_write_bytes,
-    kohya_stem, load_lora, resolve, sanitize_save_name, save_lora,
+from idlora.training import lora_format
+from idlora.training.fileio import atomic_path, atomic_write_bytes
+from idlora.training.lora_format import (
+    LoraBundle, LoraFormatError, LoraWeight, MatchReport, kohya_stem, load_lora, resolve, sanitize_save_name,
+    save_lora,
 )
 
 Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"

@@ -125,3 +125,4 @@ def register_with_server() -> None:
     if getattr(PromptServer, "instance", None) is None:  # imported outside a server (in-process tests)
         return
     register(PromptServer.instance.routes)
+    manager()  # at start-up: jobs left queued or running by the last process show as interrupted

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 CATEGORY = "IDLoRA"
 LORA_SUBDIR = "idlora"
 D = LoraTrainConfig()
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PRESET_TIP = "; ".join(f"{k}: {v}" for k, v in PRESET_DOCS.items())
 
 
@@ -151,6 +152,8 @@ class SaveLoRA(io.ComfyNode):
                                         "'.safetensors' is added."),
                 io.Boolean.Input("overwrite", default=True,
                                  tooltip="Replace an existing file of that name. Off: add a number to the name."),
+                io.Combo.Input("precision", options=list(SAVE_DTYPES), default="fp32", optional=True,
+                               tooltip="fp32 keeps exactly what the trainer learned; fp16 / bf16 halve the file."),
             ],
             outputs=[LoraNameOutput(display_name="lora_name",
                                     tooltip="The saved file's name under models/loras; can feed the stock "
@@ -158,8 +161,11 @@ class SaveLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora: LoraBundle, name: str, overwrite: bool) -> io.NodeOutput:
+    def execute(cls, lora: LoraBundle, name: str, overwrite: bool, precision: str = "fp32") -> io.NodeOutput:
         require_lora(lora)
+        if lora.key_style != "module":
+            raise LoraFormatError("this LoRA was read from a file, so it is saved already: use that file (copy it "
+                                  "to keep it under another name)")
         fname = sanitize_save_name(name)
         folder = idlora_lora_dir()
         path = os.path.join(folder, fname)
@@ -168,9 +174,7 @@ class SaveLoRA(io.ComfyNode):
             while os.path.exists(path):
                 path = os.path.join(folder, f"{stem}_{n:04d}.safetensors")
                 n += 1
-        if lora.key_style != "module":
-            raise LoraFormatError("this LoRA came from a file; it is already on disk: use its file directly")
-        save_lora(path, lora.weights, lora.metadata)
+        save_lora(path, lora.weights, lora.metadata, dtype=SAVE_DTYPES[precision])
         rel = f"{LORA_SUBDIR}/{os.path.basename(path)}"
         log.info("IDLoRA: saved %s", path)
         return io.NodeOutput(rel, ui={"lora_files": [rel]})

@@ -3,6 +3,7 @@
 
     python tools/workflow_convert.py to-ui  API.json OBJECT_INFO.json OUT.json
     python tools/workflow_convert.py to-api UI.json  OBJECT_INFO.json OUT.json
+    python tools/workflow_convert.py regen OBJECT_INFO.json   # every workflows/*.json from workflows/api/
 
 ``OBJECT_INFO.json`` is ``GET /object_info`` of a server that has the pack. The UI
 file is laid out left to right by dependency depth, and carries MarkdownNote nodes
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -151,13 +153,23 @@ def main(argv: list[str]) -> None:
     if cmd == "to-ui":
         api_p, info_p, out_p = paths
         result = to_ui(load(api_p), load(info_p))
+    elif cmd == "regen":
+        (info_p,) = paths
+        root = Path(__file__).resolve().parent.parent / "workflows"
+        for api_p in sorted((root / "api").glob("*.json")):
+            _dump(to_ui(load(api_p), load(info_p)), root / api_p.name)
+        return
     elif cmd == "to-api":
         ui_p, info_p, out_p = paths
         result = to_api(load(ui_p), load(info_p))
     else:
         raise SystemExit(__doc__)
-    with open(out_p, "w") as f:
-        json.dump(result, f, indent=1)
+    _dump(result, out_p)
+
+
+def _dump(obj: dict, path) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
         f.write("\n")
 
 

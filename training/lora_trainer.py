@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..models.lora import PRESETS, LoraConfigError, LoraNetwork, check_rank_alpha, select_targets
+from ..models.lora import LoraConfigError, LoraNetwork, check_rank_alpha, select_targets
 from .diffusion import Cond, DiffusionModel, add_noise, target, to_x0
 from .lora_format import LoraBundle, LoraWeight
 
@@ -348,7 +348,3 @@ class LoraTrainer:
         weights = {n: LoraWeight(layer.down.detach().float().cpu().clone(), layer.up.detach().float().cpu().clone(),
                                  layer.alpha) for n, layer in self.network.items()}
         return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)

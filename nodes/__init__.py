@@ -2,6 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import routes
+from .face_nodes import NODES as FACE_NODES
 from .job_nodes import NODES as JOB_NODES
 from .lora_nodes import NODES as LORA_NODES
 
@@ -10,4 +11,4 @@ routes.register_with_server()
 
 class IDLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*LORA_NODES, *JOB_NODES]
+        return [*LORA_NODES, *JOB_NODES, *FACE_NODES]

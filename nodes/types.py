@@ -28,3 +28,7 @@ class LoraNameOutput(io.Output):
     @property
     def io_type(self):
         return _LinksToCombo("COMBO")
+
+
+FaceEmbedderHandle = io.Custom("IDLORA_FACE_EMBEDDER")  # a training.evaluate.FaceEmbedderHandle
+MetricsHandle = io.Custom("IDLORA_METRICS")  # dict: metric name -> training.metrics.MetricResult.as_dict()

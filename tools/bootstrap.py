@@ -120,7 +120,7 @@ def ensure_base(base: Path) -> Path:
     if not ckpt.exists() or ckpt.resolve() != src.resolve():
         ckpt.unlink(missing_ok=True)
         ckpt.symlink_to(src)
-    for asset in (ROOT / "workflows" / "assets").glob("*.png"):
+    for asset in sorted(a for ext in ("*.png", "*.jpg") for a in (ROOT / "workflows" / "assets").glob(ext)):
         dst = base / "input" / asset.name
         if not dst.exists():
             shutil.copyfile(asset, dst)

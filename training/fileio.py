@@ -7,9 +7,12 @@ any exception the temporary file is removed and the destination keeps its old co
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import uuid
 from typing import Iterator
+
+logger = logging.getLogger(__name__)
 
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDWR)
@@ -44,7 +47,7 @@ def _create_temp(directory: str, base: str) -> str:
         except FileExistsError:
             continue
         return tmp
-    raise LoraFormatError(f"could not create a temp file in {directory}: clean up stale .tmp files")
+    raise FileExistsError(f"could not create a temp file in {directory}: clean up stale .tmp files there")
 
 
 @contextlib.contextmanager

@@ -141,14 +141,20 @@ def prepare_data(model: DiffusionModel, images: torch.Tensor, prompt: str | list
 
 @contextlib.contextmanager
 def checkpointed_blocks(denoiser: nn.Module) -> Iterator[int]:
-    """Gradient checkpointing on the denoiser's blocks (each item of a top-level ModuleList and every
-    top-level child named '*block*'), restored on exit. Yields the number of wrapped blocks."""
+    """Gradient checkpointing on the denoiser's blocks, restored on exit. Yields the number of wrapped blocks.
+
+    Blocks are the items of top-level ModuleLists and the top-level children named '*block*'. A block that
+    is an nn.Sequential is not called as a whole by every model (ComfyUI's U-Net walks the layers of its
+    TimestepEmbedSequential blocks itself), so its layers are wrapped instead.
+    """
     blocks: list[nn.Module] = []
     for name, child in denoiser.named_children():
         if isinstance(child, nn.ModuleList):
             blocks.extend(child)
         elif "block" in name:
             blocks.append(child)
+    blocks = [m for b in blocks for m in (b.children() if isinstance(b, nn.Sequential) else [b])]
+    blocks = [b for b in blocks if any(p.numel() for p in b.parameters())]
     for b in blocks:
         b.forward = _checkpointed(b.forward)
     try:

@@ -178,3 +178,35 @@ def test_apply_does_not_mutate_input_model(env):
     comfy_tiny.diffusion_forward(patched, x, sigma, ctx)
     assert not patcher.patches and patched.patches
     torch.testing.assert_close(comfy_tiny.diffusion_forward(patcher, x, sigma, ctx), before)
+
+
+def _saved_numel(diffusion, data, cfg) -> tuple[int, list[float]]:
+    """Elements autograd saves for the backward pass during one training step, and the step's loss."""
+    from idlora.training.lora_trainer import LoraTrainer
+    trainer = LoraTrainer(diffusion, data, cfg)
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel()
+        return t
+    with trainer.session(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.train_step()
+    return saved[0], [loss] + [w.float().sum().item() for w in trainer.network.parameters()]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_gradient_checkpointing_saves_activations_and_keeps_results(env, arch):
+    """Checkpointing must really happen on ComfyUI's U-Net (which walks its blocks' layers itself)."""
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    from idlora.training.lora_trainer import LoraTrainConfig, TrainData, checkpointed_blocks
+
+    patcher = _patcher(arch)
+    diffusion = ComfyDiffusion(patcher)
+    data = TrainData(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), _cond(arch, patcher, 1, 1))
+    base = dict(steps=1, learning_rate=1e-2, rank=4, targets="attn")
+    plain, r1 = _saved_numel(diffusion, data, LoraTrainConfig(**base))
+    ckpt, r2 = _saved_numel(diffusion, data, LoraTrainConfig(**base, gradient_checkpointing=True))
+    with checkpointed_blocks(diffusion.denoiser) as n:
+        assert n >= 6
+    assert ckpt < 0.6 * plain, (ckpt, plain)
+    torch.testing.assert_close(torch.tensor(r2), torch.tensor(r1), rtol=1e-5, atol=1e-6)

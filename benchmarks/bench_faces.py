@@ -12,7 +12,6 @@ Prints a Markdown table and writes it to benchmarks/results/bench_faces.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import statistics
 import sys
@@ -20,13 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def import_pack():
-    spec = importlib.util.spec_from_file_location("idlora", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["idlora"] = mod
-    spec.loader.exec_module(mod)
+sys.path.insert(0, str(ROOT / "tools"))
+from pack import import_pack  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

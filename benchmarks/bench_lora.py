@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,25 +126,6 @@ def _setup_paths() -> None:
     tools = str(ROOT / "tools")
     if tools not in sys.path:
         sys.path.insert(0, tools)  # seeded.py, tiny_checkpoint.py
-
-
-def _import_pack():
-    """The repository root as package ``idlora`` (as tests/conftest.py does).
-
-    ``idlora.nodes`` is registered as a bare package: the benchmark needs only nodes/comfy_adapter.py,
-    not the node pack's import-time registration (server routes, job service), which is no part of a
-    training step and expects a running ComfyUI server."""
-    if "idlora" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("idlora", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["idlora"] = mod
-        spec.loader.exec_module(mod)
-    if "idlora.nodes" not in sys.modules:
-        nodes = types.ModuleType("idlora.nodes")
-        nodes.__path__ = [str(ROOT / "nodes")]
-        sys.modules["idlora.nodes"] = nodes
-    return sys.modules["idlora"]
 
 
 def _setup_comfy(base_dir: str) -> None:
@@ -247,9 +227,11 @@ def _n_params(module) -> int:
 def run_idlora(spec: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    _import_pack()
     with tempfile.TemporaryDirectory(prefix="bench_comfy_") as base_dir:
         _setup_comfy(base_dir)
+        _setup_paths()
+        from pack import import_pack
+        import_pack()
         from idlora.nodes.comfy_adapter import ComfyDiffusion
         from idlora.training.lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 

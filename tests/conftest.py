@@ -16,18 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 
-def import_pack():
-    if "idlora" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("idlora", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["idlora"] = mod
-        spec.loader.exec_module(mod)
-    for helpers in (TESTS, ROOT / "tools"):  # tiny_torch, comfy_tiny, server_util; seeded
-        if str(helpers) not in sys.path:
-            sys.path.insert(0, str(helpers))
-    return sys.modules["idlora"]
+for helpers in (TESTS, ROOT / "tools"):  # tiny_torch, comfy_tiny, server_util; seeded, pack
+    if str(helpers) not in sys.path:
+        sys.path.insert(0, str(helpers))
 
+from pack import import_pack  # noqa: E402
 
 import_pack()
 

@@ -14,23 +14,11 @@ counted per identity and left out of the means. Writes the JSON report and a CSV
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def import_pack():
-    """The repository root as the package ``idlora`` (as tests/conftest.py does)."""
-    if "idlora" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("idlora", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["idlora"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["idlora"]
+from pack import ROOT, import_pack  # tools/ is this script's folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

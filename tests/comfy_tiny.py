@@ -26,6 +26,7 @@ import logging
 
 import torch
 
+from tiny_checkpoint import UNET_COMMON  # tools/
 from seeded import fill_seeded_, seeded_state_dict, seeded_tensor, tensor_seed  # noqa: F401 (tools/)
 
 logger = logging.getLogger(__name__)
@@ -34,14 +35,9 @@ logger = logging.getLogger(__name__)
 # (per-input-block transformer_depth, per-output-block transformer_depth_output).
 # SD15.__init__ adds num_heads=8/num_head_channels=-1; SDXL (BASE) adds
 # num_heads=-1/num_head_channels=64.
-TINY_SD15_UNET = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "use_spatial_transformer": True,
-    "legacy": False,
+TINY_SD15_UNET = {  # in-process: 1.1 M params (the checkpoint's U-Net is tools/tiny_checkpoint.TINY_SD15_UNET)
+    **UNET_COMMON,
     "adm_in_channels": None,
-    "in_channels": 4,
-    "out_channels": 4,
     "model_channels": 32,
     "num_res_blocks": [1, 1],
     "channel_mult": [1, 2],
@@ -50,22 +46,15 @@ TINY_SD15_UNET = {
     "transformer_depth_middle": 1,
     "context_dim": 64,
     "use_linear_in_transformer": False,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
 }
 
 SDXL_POOLED_DIM = 64
 SDXL_CONTEXT_DIM = 64
 TINY_SDXL_UNET = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "use_spatial_transformer": True,
-    "legacy": False,
+    **UNET_COMMON,
     "num_classes": "sequential",
     # SDXL.encode_adm = pooled (P) + 6 Timestep(256) size/crop embeddings.
     "adm_in_channels": SDXL_POOLED_DIM + 6 * 256,
-    "in_channels": 4,
-    "out_channels": 4,
     "model_channels": 32,
     "num_res_blocks": [1, 1],
     "channel_mult": [1, 2],
@@ -74,8 +63,6 @@ TINY_SDXL_UNET = {
     "transformer_depth_middle": 1,
     "context_dim": SDXL_CONTEXT_DIM,
     "use_linear_in_transformer": True,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
 }
 
 # comfy.sd.VAE(config=...) builds AutoencoderKL(**config["params"]).

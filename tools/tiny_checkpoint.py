@@ -42,14 +42,19 @@ GENERATOR_VERSION = "1"
 # (transformer_depth_middle == -2; -1, a lone middle res block, would add
 # 2.26 M params). 13.64 M params in total. Keys are those of
 # detect_unet_config's output plus SD15.unet_extra_config (num_heads/num_head_channels).
-TINY_SD15_UNET = {
+UNET_COMMON = {  # the keys every SD-family U-Net config here shares
     "use_checkpoint": False,
     "image_size": 32,
     "use_spatial_transformer": True,
     "legacy": False,
-    "adm_in_channels": None,
     "in_channels": 4,
     "out_channels": 4,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+TINY_SD15_UNET = {
+    **UNET_COMMON,
+    "adm_in_channels": None,
     "model_channels": 320,
     "num_res_blocks": [1],
     "transformer_depth": [1],
@@ -58,8 +63,6 @@ TINY_SD15_UNET = {
     "transformer_depth_middle": -2,
     "use_linear_in_transformer": False,
     "context_dim": 768,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
     "num_heads": 8,
     "num_head_channels": -1,
 }

@@ -27,7 +27,7 @@ import logging
 import torch
 
 from tiny_checkpoint import UNET_COMMON  # tools/
-from seeded import fill_seeded_, seeded_state_dict, seeded_tensor, tensor_seed  # noqa: F401 (tools/)
+from seeded import fill_seeded_, seeded_state_dict  # tools/
 
 logger = logging.getLogger(__name__)
 

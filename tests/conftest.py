@@ -46,3 +46,20 @@ def comfy(tmp_path_factory):
     args.base_directory = str(tmp_path_factory.mktemp("comfy_base"))
     import utils.extra_config  # noqa: F401  (must precede `import nodes`; see COMFYUI_RUNTIME.md)
     return d
+
+
+@pytest.fixture(scope="module")
+def server_base(tmp_path_factory):
+    """A fresh ComfyUI base folder (tiny checkpoint, the pack, the example inputs) per test module."""
+    import server_util
+    return server_util.make_base(tmp_path_factory.mktemp("server"), server_util.tiny_ckpt())
+
+
+@pytest.fixture(scope="module")
+def srv(request, server_base):
+    """A real ComfyUI server (main.py --cpu) on ``server_base``, one per test module. A module may set
+    ``SERVER_ENV`` (a dict) for extra environment variables."""
+    import server_util
+    s = server_util.start(server_base, comfy_dir(), env=getattr(request.module, "SERVER_ENV", None))
+    yield s
+    s.stop()

@@ -110,6 +110,22 @@ class Server:
                 self.proc.kill()
 
 
+def job_prompt(name: str, steps: int = 40, seed: int = 0) -> dict:
+    """The bundled train-LoRA workflow cut to its training node in background mode (plus an output node)."""
+    wf = json.loads((ROOT / "workflows" / "api" / "idlora_train_lora.json").read_text())
+    wf = {k: wf[k] for k in ("1", "2", "3")}
+    wf["3"]["inputs"].update(mode="background", job_name=name, steps=steps, seed=seed)
+    wf["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}}
+    return wf
+
+
+def start_job(srv: "Server", name: str, **kw) -> str:
+    """Queue a background training job through the workflow; return its job id."""
+    hist, _ = srv.run(job_prompt(name, **kw))
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:2000]
+    return hist["outputs"]["3"]["idlora_job"][0]
+
+
 def tiny_ckpt() -> Path:
     """The tiny SD1.5 checkpoint `./idlora test` generated (its path comes in IDLORA_TINY_CKPT)."""
     import pytest

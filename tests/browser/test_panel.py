@@ -2,7 +2,6 @@
 shows a running job, its progress rises, and its Cancel button cancels the job."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -26,15 +25,6 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    from conftest import comfy_dir
-    base = server_util.make_base(tmp_path_factory.mktemp("browser"), server_util.tiny_ckpt())
-    s = server_util.start(base, comfy_dir())
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def page():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
@@ -44,13 +34,7 @@ def page():
         browser.close()
 
 
-def start_job(srv, name: str, steps: int) -> str:
-    wf = json.loads((ROOT / "workflows" / "api" / "idlora_train_lora.json").read_text())
-    wf = {k: wf[k] for k in ("1", "2", "3")}
-    wf["3"]["inputs"].update(mode="background", job_name=name, steps=steps)
-    wf["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}}
-    hist, _ = srv.run(wf)
-    return hist["outputs"]["3"]["idlora_job"][0]
+start_job = server_util.start_job
 
 
 def progress_width(card) -> float:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import server_util
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,14 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def blocks(lang: str) -> list[str]:
     text = (ROOT / "docs" / "API.md").read_text()
     return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    from conftest import comfy_dir
-    s = server_util.start(server_util.make_base(tmp_path_factory.mktemp("docs"), server_util.tiny_ckpt()), comfy_dir())
-    yield s
-    s.stop()
 
 
 def run(srv, lang: str, code: str, timeout: float = 300) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import server_util
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,13 +18,9 @@ FACE_NODES = {"IDLoRAFaceDetect", "IDLoRAFaceEmbedder", "IDLoRAIdentitySimilarit
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    from conftest import comfy_dir
-    base = server_util.make_base(tmp_path_factory.mktemp("face_server"), server_util.tiny_ckpt())
-    shutil.copyfile(ROOT / "tests" / "assets" / "faces" / "no_face.jpg", base / "input" / "no_face.jpg")
-    s = server_util.start(base, comfy_dir())
-    yield s
-    s.stop()
+def server_base(server_base):
+    shutil.copyfile(ROOT / "tests" / "assets" / "faces" / "no_face.jpg", server_base / "input" / "no_face.jpg")
+    return server_base
 
 
 def workflow() -> dict:

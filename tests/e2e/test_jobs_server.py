@@ -20,31 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RESUME_TOL = 1e-6  # max abs difference of any LoRA tensor, resumed vs uninterrupted (CPU, fp32, same seed)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return server_util.make_base(tmp_path_factory.mktemp("jobs"), server_util.tiny_ckpt())
-
-
-@pytest.fixture(scope="module")
-def srv(base):
-    from conftest import comfy_dir
-    s = server_util.start(base, comfy_dir(), env={"IDLORA_CHECKPOINT_EVERY": "5"})
-    yield s
-    s.stop()
-
-
-def job_prompt(name: str, steps: int = 40, seed: int = 0) -> dict:
-    wf = json.loads((ROOT / "workflows" / "api" / "idlora_train_lora.json").read_text())
-    wf = {k: wf[k] for k in ("1", "2", "3")}
-    wf["3"]["inputs"].update(mode="background", job_name=name, steps=steps, seed=seed)
-    wf["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["3", 2]}}
-    return wf
-
-
-def start_job(srv, name: str, **kw) -> str:
-    hist, _ = srv.run(job_prompt(name, **kw))
-    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:2000]
-    return hist["outputs"]["3"]["idlora_job"][0]
+SERVER_ENV = {"IDLORA_CHECKPOINT_EVERY": "5"}
+start_job = server_util.start_job
 
 
 def status(srv, job_id: str) -> dict:
@@ -71,7 +48,8 @@ def lora_tensors(base: Path, name: str) -> dict:
     return load_file(str(base / "models" / "loras" / "idlora" / f"{name}.safetensors"))
 
 
-def test_events_cancel_resume_equals_uninterrupted(srv, base):
+def test_events_cancel_resume_equals_uninterrupted(srv, server_base):
+    base = server_base
     events: list[dict] = []
     ws = websocket.create_connection(f"ws://127.0.0.1:{srv.port}/ws?clientId=watcher", timeout=5)
     ws.settimeout(None)

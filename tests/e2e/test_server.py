@@ -15,15 +15,6 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "api" / "idlora_train_lora.json"
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    from conftest import comfy_dir
-    base = server_util.make_base(tmp_path_factory.mktemp("server"), server_util.tiny_ckpt())
-    s = server_util.start(base, comfy_dir())
-    yield s
-    s.stop()
-
-
 def workflow(**overrides) -> dict:
     wf = json.loads(WORKFLOW.read_text())
     for path, value in overrides.items():

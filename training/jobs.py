@@ -376,10 +376,13 @@ class JobManager:
                 self.on_job_end()
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
-        job.status.state, job.status.error, job.status.finished = state, error, time.time()
-        _write_status(job)
+        # State and done-flag change together under the lock: a resume that sees the final state must not have
+        # its cleared done-flag set again by this finish.
+        with self._cv:
+            job.status.state, job.status.error, job.status.finished = state, error, time.time()
+            _write_status(job)
+            job.done.set()
         self._emit_status(job)
-        job.done.set()
 
     # -- events --------------------------------------------------------------
     def _emit(self, name: str, payload: dict) -> None:

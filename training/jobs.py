@@ -188,8 +188,9 @@ class JobContext:
     def checkpoint_due(self, step: int) -> bool:
         return self._m.checkpoint_every > 0 and step % self._m.checkpoint_every == 0
 
-    def save_checkpoint(self, state: dict) -> None:
-        state = dict(state, phase=self.job.status.phase)
+    def save_checkpoint(self, state: dict, phase: str | None = None) -> None:
+        """Write the task's state atomically, tagged with its phase (default: the phase last reported)."""
+        state = dict(state, phase=phase or self.job.status.phase)
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
         _write_status(self.job)

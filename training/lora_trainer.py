@@ -197,23 +197,28 @@ class LoraTrainer:
         self.network = LoraNetwork(targets, self.cfg.rank, self.cfg.alpha, seed=self.cfg.seed).to(model.device)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.cfg.learning_rate,
                                            weight_decay=self.cfg.weight_decay)
-        warm = self.cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.amp_dtype = autocast_dtype(self.cfg.precision, model.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.step = 0
         self.losses: list[float] = []
+        self.batch_idx = torch.zeros(0, dtype=torch.long)  # training-image indices of the last batch
         n = len(model.sigmas)
         lo, hi = self.cfg.timestep_range
         self.t_range = (int(lo * (n - 1)), max(int(lo * (n - 1)) + 1, int(round(hi * n))))
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier at an optimizer step (linear warm-up). Methods override it."""
+        warm = self.cfg.warmup_steps
+        return min(1.0, (step + 1) / warm) if warm else 1.0
 
     # -- sampling ----------------------------------------------------------
     def sample_batch(self) -> tuple[torch.Tensor, Cond, torch.Tensor, torch.Tensor]:
         """(x0, cond, noise, sigma) for one step; all randomness from self.generator (on CPU)."""
         n, b, g = len(self.data), self.cfg.batch_size, self.generator
         idx = torch.randperm(n, generator=g)[:b] if b <= n else torch.randint(0, n, (b,), generator=g)
+        self.batch_idx = idx
         x0, cond = self.data.batch(idx.to(self.data.latents.device))
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         t = torch.randint(*self.t_range, (x0.shape[0],), generator=g)
@@ -311,26 +316,29 @@ class LoraTrainer:
         out = self.model.net_forward(x_t, sigma, cond)
         return self.model.preview(to_x0(self.model.prediction_type, out.float(), x_t, sigma))
 
-    def run_in_job(self, ctx, phase: str = "train", sample_every: int = 0) -> None:
+    def run_in_job(self, ctx, phase: str = "train", sample_every: int = 0, step_offset: int = 0,
+                   total: int | None = None) -> None:
         """Train inside a job: resume from its checkpoint (same phase), report progress, checkpoint every
         N steps, a preview sample every ``sample_every`` steps, and on cancel or failure leave a checkpoint
-        of the last completed step."""
+        of the last completed step. A job of several phases numbers its steps across them: this phase's
+        step s is reported as ``step_offset + s`` of ``total``."""
         state = ctx.load_checkpoint()
         if state is not None and state.get("phase", phase) == phase:
             self.load_state_dict(state)
-            ctx.rewind(self.step)
+            ctx.rewind(step_offset + self.step)
+        total = total or step_offset + self.cfg.steps
         with self.session():
             try:
                 while self.step < self.cfg.steps:
                     ctx.token.raise_if_cancelled()
                     loss = self.train_step()
-                    ctx.progress(self.step, self.cfg.steps, loss, phase)
+                    ctx.progress(step_offset + self.step, total, loss, phase)
                     if ctx.checkpoint_due(self.step):
-                        ctx.save_checkpoint(self.state_dict())
+                        ctx.save_checkpoint(self.state_dict(), phase)
                     if sample_every and (self.step % sample_every == 0 or self.step == self.cfg.steps):
-                        ctx.add_sample(self.preview().cpu().numpy(), self.step)
+                        ctx.add_sample(self.preview().cpu().numpy(), step_offset + self.step)
             except BaseException:
-                ctx.save_checkpoint(self.state_dict())
+                ctx.save_checkpoint(self.state_dict(), phase)
                 raise
 
     # -- output ------------------------------------------------------------

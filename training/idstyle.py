@@ -1,0 +1,348 @@
+"""Identity-preserving portrait stylization (Hitit & Görgülü 2025, building on ConsisLoRA, Chen et al. 2025).
+
+Three trainings, run one after the other as the phases of one job:
+
+1. ``content``: a content LoRA on the person's photo. ConsisLoRA's schedule: the usual noise-prediction loss for
+   the first ``x0_start_step`` steps, then the x0-prediction loss ||x0_hat - x0||^2, where x0_hat is the
+   denoiser's estimate of the clean latent, with a second learning rate. Added to it, every ``every`` steps and
+   only for samples at low noise: lambda * (1 - cos) between the face embeddings of the decoded x0_hat and of the
+   photo (training/identity_loss.py). L_total = L_x0 + lambda * L_identity.
+2. ``style_content``: ConsisLoRA's decoupling step. A content LoRA fitted on the style image (same schedule, no
+   identity term) absorbs what the style image depicts; it is then frozen. 0 steps skips it.
+3. ``style``: the style LoRA, trained on the style image with a style prompt and the x0 loss from the first
+   step, with the frozen decoupling LoRA attached, so that it learns the style and not the style image's content.
+
+At inference the content LoRA (of the photo) and the style LoRA are applied together, at separate strengths,
+through two stock LoraLoaders or through IDLoRA Content/Style Guidance.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..models.lora import LoraNetwork, select_targets
+from .diffusion import Cond, DiffusionModel, add_noise, target, to_x0
+from .fileio import atomic_path
+from .identity_loss import EmbedFn, IdentityConfig, IdentityLoss
+from .lora_format import LoraBundle, LoraFormatError, load_lora, resolve, save_lora
+from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData, TrainingInputError
+
+METHOD = "idlora_identity_style"
+
+
+def _attn_in(block: str) -> str:
+    """Attention projections inside one ComfyUI U-Net block (e.g. 'output_blocks.3.1')."""
+    return rf"^{re.escape(block)}\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+
+# Where the content and the style LoRA go: (content targets, style targets, what it is). The targets are presets
+# of models/lora.py or regular expressions over ComfyUI U-Net module names.
+BLOCK_PRESETS: dict[str, tuple[str, str, str]] = {
+    "attn": ("attn", "attn",
+             "both LoRAs on every attention projection (any model; ConsisLoRA's SD1.5-free default split is "
+             "unproven, so this is the safe choice)"),
+    "sd15_down_up": (r"^(input_blocks|middle_block)\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+                     r"^output_blocks\..*attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+                     "SD1.5: content on the encoder and middle attention, style on the decoder attention "
+                     "(a heuristic split, not from a paper)"),
+    "sd15_blora": (_attn_in("output_blocks.3.1"), _attn_in("output_blocks.4.1"),
+                   "SD1.5: B-LoRA's idea moved to SD1.5's first decoder stage with attention: content on "
+                   "up_blocks.1.attentions.0, style on up_blocks.1.attentions.1 (unproven for SD1.5)"),
+    "sdxl_blora": (_attn_in("output_blocks.0.1"), _attn_in("output_blocks.1.1"),
+                   "SDXL: the B-LoRA / ConsisLoRA blocks, content on up_blocks.0.attentions.0, style on "
+                   "up_blocks.0.attentions.1"),
+}
+
+
+@dataclass
+class X0TrainConfig(LoraTrainConfig):
+    x0_start_step: int = 0                  # noise-prediction loss before this step, x0-prediction loss from it
+    x0_learning_rate: float | None = None   # learning rate once the x0 loss is on (None: unchanged)
+    noise_offset: float = 0.0               # per-channel offset noise (ConsisLoRA's style training uses 0.03)
+
+    def validate(self) -> "X0TrainConfig":
+        super().validate()
+        if not (isinstance(self.x0_start_step, int) and 0 <= self.x0_start_step <= self.steps):
+            raise TrainingInputError(f"x0_start_step = {self.x0_start_step!r} is invalid: use a whole number from 0 "
+                                     f"(x0 loss from the start) to steps = {self.steps} (noise loss only)")
+        lr2 = self.x0_learning_rate
+        if lr2 is not None and not (math.isfinite(lr2) and lr2 > 0):
+            raise TrainingInputError(f"x0_learning_rate = {lr2!r} is invalid: use a number > 0, e.g. 1e-4")
+        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
+            raise TrainingInputError(f"noise_offset = {self.noise_offset!r} is invalid: use a number >= 0, e.g. 0.03")
+        return self
+
+
+class X0LoraTrainer(LoraTrainer):
+    """ConsisLoRA's trainer: noise loss, then x0 loss with a second learning rate; optional frozen LoRAs attached."""
+
+    method = METHOD
+
+    def __init__(self, model: DiffusionModel, data: TrainData, config: X0TrainConfig,
+                 frozen: list[LoraNetwork] | None = None):
+        super().__init__(model, data, config)
+        self.frozen = list(frozen or [])
+
+    def lr_factor(self, step: int) -> float:
+        f = super().lr_factor(step)
+        if step >= self.cfg.x0_start_step and self.cfg.x0_learning_rate:
+            f *= self.cfg.x0_learning_rate / self.cfg.learning_rate
+        return f
+
+    def uses_x0(self) -> bool:
+        return self.step >= self.cfg.x0_start_step
+
+    def sample_batch(self):
+        x0, cond, noise, sigma = super().sample_batch()
+        if self.cfg.noise_offset:
+            offset = torch.randn(noise.shape[:2] + (1, 1), generator=self.generator).to(noise.device)
+            noise = noise + self.cfg.noise_offset * offset
+        return x0, cond, noise, sigma
+
+    def predict(self, x0: torch.Tensor, cond: Cond, noise: torch.Tensor, sigma: torch.Tensor):
+        """(raw network output, its x0 estimate)."""
+        x_t = add_noise(x0, noise, sigma)
+        out = self.model.net_forward(x_t, sigma, cond).float()
+        return out, to_x0(self.model.prediction_type, out, x_t.float(), sigma)
+
+    def base_loss(self, out, x0_hat, x0, noise, sigma) -> torch.Tensor:
+        if self.uses_x0():
+            return F.mse_loss(x0_hat, x0.float())
+        return F.mse_loss(out, target(self.model.prediction_type, x0, noise, sigma).float())
+
+    def loss(self, x0, cond, noise, sigma) -> torch.Tensor:
+        out, x0_hat = self.predict(x0, cond, noise, sigma)
+        return self.base_loss(out, x0_hat, x0, noise, sigma)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for net in self.frozen:
+                stack.enter_context(net.attached())
+            stack.enter_context(super().session())
+            yield
+
+
+class IdentityContentTrainer(X0LoraTrainer):
+    """The content LoRA with the identity term: L = L_x0 + lambda * (1 - cos(E(face(D(x0_hat))), E(photo)))."""
+
+    def __init__(self, model: DiffusionModel, data: TrainData, config: X0TrainConfig,
+                 identity: IdentityLoss | None = None):
+        super().__init__(model, data, config)
+        self.identity = identity
+        self.identity_values: list[tuple[int, float]] = []  # (step, mean 1 - cos) where the term was applied
+        if identity is not None:
+            n = len(model.sigmas)
+            lo, hi = identity.cfg.timestep_range
+            self.id_sigma = (float(model.sigmas[int(lo * (n - 1))]), float(model.sigmas[int(round(hi * (n - 1)))]))
+
+    def identity_due(self, sigma: torch.Tensor) -> torch.Tensor | None:
+        """Mask of the batch samples the identity term applies to at this step, or None."""
+        if self.identity is None or self.identity.cfg.weight == 0 or self.step % self.identity.cfg.every:
+            return None
+        lo, hi = self.id_sigma
+        mask = (sigma >= lo * (1 - 1e-6)) & (sigma <= hi * (1 + 1e-6))
+        return mask if bool(mask.any()) else None
+
+    def loss(self, x0, cond, noise, sigma) -> torch.Tensor:
+        out, x0_hat = self.predict(x0, cond, noise, sigma)
+        loss = self.base_loss(out, x0_hat, x0, noise, sigma)
+        mask = self.identity_due(sigma)
+        if mask is not None:
+            term = self.identity(x0_hat[mask], self.batch_idx[mask.cpu()]).mean()
+            self.identity_values.append((self.step + 1, float(term.detach())))
+            loss = loss + self.identity.cfg.weight * term
+        return loss
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), identity_values=[list(v) for v in self.identity_values])
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.identity_values = [(int(s), float(v)) for s, v in state.get("identity_values", [])]
+
+
+def frozen_network(model: DiffusionModel, bundle: LoraBundle) -> LoraNetwork:
+    """A LoRA (any key style IDLoRA reads) as a frozen LoraNetwork on ``model``'s denoiser."""
+    shapes = {n: tuple(m.weight.shape) for n, m in model.denoiser.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    weights, report = resolve(bundle, shapes)
+    if report.missing or report.shape_mismatch or not weights:
+        raise LoraFormatError(f"the LoRA does not fit this model: {report.summary()}")
+    rank = next(iter(weights.values())).down.shape[0]
+    net = LoraNetwork({n: model.denoiser.get_submodule(n) for n in weights}, rank).to(model.device)
+    for n, layer in net.items():
+        w = weights[n]
+        layer.set_weights(w.down.to(model.device), w.up.to(model.device), w.alpha)
+    net.requires_grad_(False)
+    return net
+
+
+# -- the job ------------------------------------------------------------------------
+
+@dataclass
+class IdentityStyleConfig:
+    content: X0TrainConfig = field(default_factory=lambda: X0TrainConfig(
+        steps=800, learning_rate=2e-4, rank=32, x0_start_step=300, x0_learning_rate=1e-4))
+    style_content_steps: int = 600     # the decoupling LoRA on the style image; 0 skips it
+    style: X0TrainConfig = field(default_factory=lambda: X0TrainConfig(
+        steps=600, learning_rate=1e-4, rank=32, x0_start_step=0, noise_offset=0.03))
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+
+    def validate(self) -> "IdentityStyleConfig":
+        self.content.validate()
+        self.style.validate()
+        self.identity.validate()
+        if not (isinstance(self.style_content_steps, int) and self.style_content_steps >= 0):
+            raise TrainingInputError(f"style_content_steps = {self.style_content_steps!r} is invalid: use a whole "
+                                     f"number >= 0 (0 skips ConsisLoRA's decoupling LoRA)")
+        return self
+
+    def decouple(self) -> X0TrainConfig:
+        """The decoupling LoRA's settings: the content schedule and targets, its own step count."""
+        c = self.content
+        x0_start = min(c.x0_start_step, self.style_content_steps)
+        return X0TrainConfig(**dict(asdict(c), steps=self.style_content_steps, x0_start_step=x0_start))
+
+    def phases(self) -> list[str]:
+        return ["content"] + (["style_content"] if self.style_content_steps else []) + ["style"]
+
+    def steps(self, phase: str) -> int:
+        return {"content": self.content.steps, "style_content": self.style_content_steps,
+                "style": self.style.steps}[phase]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IdentityStyleConfig":
+        return cls(content=X0TrainConfig.from_dict(d["content"]), style_content_steps=int(d["style_content_steps"]),
+                   style=X0TrainConfig.from_dict(d["style"]), identity=IdentityConfig.from_dict(d["identity"]))
+
+
+@dataclass
+class IdentityStyleData:
+    """Everything encoded once: the photo (content prompt), the style image (decoupling and style prompts),
+    and the identity references (landmarks in training-image pixels, embeddings)."""
+    photo: TrainData
+    style: TrainData
+    style_content_cond: Cond
+    landmarks: torch.Tensor      # (N, 5, 2)
+    references: torch.Tensor     # (N, D)
+    crop_size: int = 112
+
+    def to(self, device: torch.device) -> "IdentityStyleData":
+        def mv(d: TrainData) -> TrainData:
+            return TrainData(d.latents.to(device), {k: v.to(device) for k, v in d.cond.items()}, d.prompts)
+        return IdentityStyleData(mv(self.photo), mv(self.style), {k: v.to(device) for k, v in
+                                                                   self.style_content_cond.items()},
+                                 self.landmarks, self.references.to(device), self.crop_size)
+
+    def save(self, job_dir: Path) -> None:
+        def pack(d: TrainData) -> dict:
+            return {"latents": d.latents.cpu(), "cond": {k: v.cpu() for k, v in d.cond.items()},
+                    "prompts": list(d.prompts)}
+        payload = {"photo": pack(self.photo), "style": pack(self.style),
+                   "style_content_cond": {k: v.cpu() for k, v in self.style_content_cond.items()},
+                   "landmarks": self.landmarks.cpu(), "references": self.references.cpu(),
+                   "crop_size": self.crop_size}
+        with atomic_path(Path(job_dir) / "data.pt") as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def load(cls, job_dir: Path) -> "IdentityStyleData":
+        path = Path(job_dir) / "data.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (its encoded photo and style image); "
+                                    f"the job cannot be rebuilt: start it again from its workflow")
+        d = torch.load(path, map_location="cpu", weights_only=True)
+
+        def unpack(x: dict) -> TrainData:
+            return TrainData(x["latents"], x["cond"], x["prompts"])
+        return cls(unpack(d["photo"]), unpack(d["style"]), d["style_content_cond"], d["landmarks"],
+                   d["references"], int(d["crop_size"]))
+
+
+class Resources(NamedTuple):
+    """What a job rebuilds from its recorded sources: the model and the identity backbone (None: no term)."""
+    model: DiffusionModel
+    embed: EmbedFn | None
+
+
+ResourceLoader = Callable[[dict], Resources]
+
+
+class IdentityStyleTask:
+    """The three trainings as one job (training/jobs.py Task). The content LoRA is written when its phase ends,
+    the style LoRA when the job ends; a cancel in the style phases keeps the content LoRA."""
+
+    kind = "idstyle"
+
+    def __init__(self, cfg: IdentityStyleConfig, outputs: dict, sources: dict, loader: ResourceLoader,
+                 data: IdentityStyleData | None = None, sample_every: int = 0):
+        self.cfg = cfg.validate()
+        self.data, self.loader = data, loader
+        self.phases = cfg.phases()
+        self.config = {"idstyle": cfg.to_dict(), "outputs": outputs, "sources": sources,
+                       "sample_every": int(sample_every)}
+
+    @classmethod
+    def from_config(cls, config: dict, job_dir: Path, loader: ResourceLoader) -> "IdentityStyleTask":
+        return cls(IdentityStyleConfig.from_dict(config["idstyle"]), config["outputs"], config["sources"], loader,
+                   data=IdentityStyleData.load(job_dir), sample_every=config.get("sample_every", 0))
+
+    def prepare(self, job_dir: Path) -> None:
+        self.data.save(job_dir)
+
+    def run(self, ctx) -> dict:
+        res = self.loader(self.config["sources"])
+        data = (self.data or IdentityStyleData.load(ctx.dir)).to(res.model.device)
+        state = ctx.load_checkpoint()
+        start = self.phases.index(state["phase"]) if state and state.get("phase") in self.phases else 0
+        total = sum(self.cfg.steps(p) for p in self.phases)
+        offset, result = 0, {}
+        for i, phase in enumerate(self.phases):
+            if i >= start:
+                trainer = self.trainer(phase, res, data, ctx.dir)
+                trainer.run_in_job(ctx, phase, self.config["sample_every"], step_offset=offset, total=total)
+                result.update(self.finish(phase, trainer, ctx))
+            offset += self.cfg.steps(phase)
+        for phase in ("content", "style"):
+            result.setdefault(f"{phase}_lora", self.config["outputs"][phase]["name"])
+            result.setdefault(f"{phase}_path", self.config["outputs"][phase]["path"])
+        return dict(result, lora=result["style_lora"], path=result["style_path"])  # the job's main LoRA
+
+    def trainer(self, phase: str, res: Resources, data: IdentityStyleData, job_dir: Path) -> X0LoraTrainer:
+        if phase == "content":
+            identity = None
+            if res.embed is not None and self.cfg.identity.weight > 0:
+                decoder = res.model.decoder(self.cfg.identity.decoder)
+                identity = IdentityLoss(decoder, res.embed, data.crop_size, data.landmarks, data.references,
+                                        tuple(data.photo.latents.shape[-2:]), self.cfg.identity)
+            return IdentityContentTrainer(res.model, data.photo, self.cfg.content, identity)
+        if phase == "style_content":
+            decouple = TrainData(data.style.latents, data.style_content_cond, data.style.prompts)
+            return X0LoraTrainer(res.model, decouple, self.cfg.decouple())
+        frozen = [frozen_network(res.model, load_lora(job_dir / "style_content.safetensors"))] \
+            if "style_content" in self.phases else []
+        return X0LoraTrainer(res.model, data.style, self.cfg.style, frozen)
+
+    def finish(self, phase: str, trainer: X0LoraTrainer, ctx) -> dict:
+        bundle = trainer.bundle()
+        bundle.metadata.update(idlora_phase=phase, idlora_job=ctx.job.id)
+        if phase == "style_content":  # an intermediate of this job, kept in its folder for a resume
+            save_lora(ctx.dir / "style_content.safetensors", bundle.weights, bundle.metadata, dtype=torch.float32)
+            return {}
+        out = self.config["outputs"][phase]
+        save_lora(out["path"], bundle.weights, bundle.metadata, dtype=torch.float32)
+        ctx.log.info("%s phase done: saved %s", phase, out["path"])
+        extra = {}
+        if phase == "content" and getattr(trainer, "identity_values", None):
+            extra["identity_loss_last"] = trainer.identity_values[-1][1]
+        return {f"{phase}_lora": out["name"], f"{phase}_path": out["path"], **extra}

@@ -6,7 +6,9 @@ trainers, and a LoRA bundle becomes weight patches on a cloned MODEL.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import os
 
 import torch
 
@@ -15,13 +17,17 @@ import comfy.lora_convert
 import comfy.model_base
 import comfy.model_management
 import comfy.utils
+import folder_paths
 
+from ..models.taesd import TAESD_EXTENSIONS, TAESD_FILES, load_taesd_decoder
 from ..training.diffusion import Cond
 from ..training.lora_format import LoraBundle, LoraFormatError, MatchReport, resolve
 
 log = logging.getLogger(__name__)
 
 _PREDICTION = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
+
+DECODER_KINDS = ("vae", "taesd")
 
 
 class UnsupportedModelError(ValueError):
@@ -66,6 +72,7 @@ class ComfyDiffusion:
         self.sigmas = base.model_sampling.sigmas.detach().float().cpu().clone()
         self.device = self.patcher.load_device
         self.name = model_family(self.patcher)
+        self._decoders: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
         _uninference(self.denoiser)
 
     def net_forward(self, x_noisy: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -85,6 +92,40 @@ class ComfyDiffusion:
         rgb = latents[0].float().cpu().movedim(0, -1) @ factors + (torch.tensor(bias) if bias is not None else 0)
         rgb = ((rgb + 1) / 2).clamp(0, 1)
         return rgb.repeat_interleave(8, 0).repeat_interleave(8, 1)
+
+    def decoder(self, kind: str = "vae", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """A frozen, differentiable decoder: model-space latents (B, C, h, w) -> RGB (B, 3, 8h, 8w) in about
+        [0, 1], not clamped (so that every pixel passes gradients back), float32, on ``self.device``.
+
+        ``kind`` "vae": a private copy of the connected VAE's decoder (the VAE other nodes use is left as it
+        is); "taesd": the Tiny AutoEncoder decoder file for this model family from ComfyUI's vae_approx
+        folder (never downloaded). The weights are held in ``dtype``; built once per (kind, dtype).
+        """
+        if kind not in DECODER_KINDS:
+            raise ValueError(f"unknown decoder kind {kind!r}; expected one of {DECODER_KINDS}")
+        key = (kind, dtype)
+        if key not in self._decoders:
+            with torch.inference_mode(False):  # nodes run under inference mode; autograd needs ordinary tensors
+                net = self._vae_decode_net(dtype) if kind == "vae" else self._taesd_decode_net(dtype)
+            self._decoders[key] = net.eval()
+            log.info("IDLoRA: built the %s decoder (%s) on %s", kind, str(dtype).removeprefix("torch."),
+                     self.device)
+        return self._decoders[key]
+
+    def _vae_decode_net(self, dtype: torch.dtype) -> torch.nn.Module:
+        if self.vae is None:
+            raise ValueError("vae is not connected: connect the VAE output of Load Checkpoint (the identity loss "
+                             "decodes latents to pixels with it)")
+        self.vae.throw_exception_if_invalid()
+        if getattr(self.vae, "latent_dim", 2) != 2:
+            raise UnsupportedModelError(f"the connected VAE decodes {self.vae.latent_dim}-D latents; IDLoRA's "
+                                        f"identity loss needs an image VAE (SD1.x, SD2.x, SDXL)")
+        net = _frozen_copy(self.vae.first_stage_model, self.device, dtype, skip=_ENCODER_PARTS)
+        return VaeDecoder(net, self.base.latent_format)
+
+    def _taesd_decode_net(self, dtype: torch.dtype) -> torch.nn.Module:
+        net = load_taesd_decoder(find_taesd_decoder(self.name))
+        return TaesdModelDecoder(_frozen_copy(net, self.device, dtype))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -108,6 +149,78 @@ class ComfyDiffusion:
                 row["y"] = extra["y"].cond
             rows[p] = {k: v.detach().clone() for k, v in row.items()}
         return _stack_rows([rows[p] for p in prompts])
+
+
+# -- latent -> RGB decoders -----------------------------------------------------
+
+_ENCODER_PARTS = ("encoder", "quant_conv", "taesd_encoder")  # first_stage_model parts decoding does not use
+
+
+class VaeDecoder(torch.nn.Module):
+    """What ComfyUI's ``VAE.decode`` computes, with gradients: model-space latents -> the latent format's
+    ``process_out`` (e.g. / 0.18215) -> ``first_stage_model.decode`` -> (x + 1) / 2. ComfyUI then clamps to
+    [0, 1] and moves channels last; this module does neither, so it returns (B, 3, H, W) in about [0, 1]."""
+
+    def __init__(self, first_stage_model: torch.nn.Module, latent_format):
+        super().__init__()
+        self.net = first_stage_model
+        self.latent_format = latent_format  # a plain object (not a module): nothing of the U-Net is held
+        self.dtype = next(first_stage_model.parameters()).dtype
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self.latent_format.process_out(latents.float()).to(self.dtype)
+        return (self.net.decode(z).float() + 1) / 2
+
+
+class TaesdModelDecoder(torch.nn.Module):
+    """models.taesd.TaesdDecoder in a chosen weight dtype, float32 in and out. TAESD's network takes the
+    model-space latents as they are and outputs RGB in about [0, 1] (ComfyUI's TAESD.decode maps that to
+    [-1, 1] and its VAE wrapper back)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.dtype = next(net.parameters()).dtype
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.net(latents.to(self.dtype)).float()
+
+
+def find_taesd_decoder(family: str) -> str:
+    """Full path of the TAESD decoder file for a model family in ComfyUI's vae_approx folder(s).
+
+    Raises ValueError for a family without a TAESD decoder and FileNotFoundError when no file is there.
+    """
+    stems = TAESD_FILES.get(family)
+    if stems is None:
+        raise ValueError(f"no TAESD decoder is known for model family {family!r} (known: {', '.join(TAESD_FILES)}); "
+                         f"use the VAE decoder (kind 'vae') instead")
+    wanted = [stem + ext for stem in stems for ext in TAESD_EXTENSIONS]
+    by_name: dict[str, list[str]] = {}
+    for rel in folder_paths.get_filename_list("vae_approx"):
+        by_name.setdefault(os.path.basename(rel), []).append(rel)
+    for name in wanted:
+        for rel in sorted(by_name.get(name, ())):
+            full = folder_paths.get_full_path("vae_approx", rel)
+            if full is not None:
+                return full
+    folders = folder_paths.get_folder_paths("vae_approx")
+    raise FileNotFoundError(
+        f"no TAESD decoder for {family} in ComfyUI's vae_approx folder ({', '.join(folders)}): expected "
+        f"{' or '.join(wanted)}. IDLoRA never downloads it: put {stems[0]}.safetensors from madebyollin's TAESD "
+        f"releases into ComfyUI/models/vae_approx, or decode with the VAE (kind 'vae')")
+
+
+def _frozen_copy(module: torch.nn.Module, device, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A private deep copy of ``module`` on ``device`` in ``dtype``, eval mode, plain torch layers, ordinary
+    (not inference) tensors, every parameter frozen. Submodules named in ``skip`` are left out (set to None)
+    instead of being copied, e.g. a VAE's encoder when only decoding is wanted."""
+    memo = {id(sub): None for name in skip if isinstance(sub := getattr(module, name, None), torch.nn.Module)}
+    out = copy.deepcopy(module, memo)
+    out.to(device=device, dtype=dtype)
+    _plain_torch_layers(out)
+    _uninference(out)
+    return out.eval().requires_grad_(False)
 
 
 def _stack_rows(rows: list[dict[str, torch.Tensor]]) -> Cond:

@@ -74,6 +74,20 @@ class TinyDenoiser(nn.Module):
         return self.conv_out(z.transpose(1, 2).reshape(b, self.dim, h, w))
 
 
+class TinyDecoder(nn.Module):
+    """The inverse of TinyDiffusion's 'VAE' encoder: pseudo-inverse of its 4x3 projection (a frozen 1x1 conv
+    to RGB), nearest 8x upsampling, [-1, 1] -> [0, 1]. decode(encode(img)) is img 8x8-average-pooled.
+    Differentiable in the latents, unclamped, no random init (does not touch the global RNG)."""
+
+    def __init__(self, vae_proj: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linalg.pinv(vae_proj), requires_grad=False)  # (3, 4)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        rgb = torch.einsum("co,bohw->bchw", self.weight, latents.float())
+        return (F.interpolate(rgb, scale_factor=8, mode="nearest") + 1) / 2
+
+
 class TinyDiffusion:
     """DiffusionModel over TinyDenoiser: SD's schedule, a fixed random 'VAE' (8x pooling + 1x1 conv)
     and a fixed random 'text encoder' (hashing words to embeddings)."""
@@ -90,6 +104,7 @@ class TinyDiffusion:
         g = torch.Generator().manual_seed(seed + 1)
         self.vae_proj = torch.randn(4, 3, generator=g)
         self.vocab = torch.randn(1000, ctx_dim, generator=g)
+        self._decoder = TinyDecoder(self.vae_proj)
 
     def net_forward(self, x_noisy, sigma, cond):
         t = torch.log(sigma.float()) * 100.0  # any smooth sigma -> t map will do here
@@ -102,6 +117,12 @@ class TinyDiffusion:
 
     def preview(self, latents):
         return ((latents[0, :3].movedim(0, -1) + 1) / 2).clamp(0, 1)
+
+    def decoder(self, kind="vae"):
+        """TinyDecoder for both kinds: the toy model has one 'VAE', so "taesd" gets the same decoder."""
+        if kind not in ("vae", "taesd"):
+            raise ValueError(f"unknown decoder kind {kind!r}; expected one of ('vae', 'taesd')")
+        return self._decoder
 
     def encode_prompts(self, prompts, width, height):
         rows = []

@@ -42,6 +42,16 @@ class DiffusionModel(Protocol):
     def preview(self, latents: torch.Tensor) -> torch.Tensor:
         """A quick (H, W, 3) image in [0, 1] of the first latent, for progress samples."""
 
+    def decoder(self, kind: str = "vae") -> nn.Module:
+        """A frozen latent -> RGB decoder that passes gradients to its input (for losses on pixels).
+
+        The returned callable maps latents in the denoiser's space (B, C, h, w) on ``device`` to RGB
+        (B, 3, 8h, 8w), float32, in about [0, 1]; it does not clamp, so that every pixel passes gradients
+        back. None of its parameters requires grad. ``kind``: "vae" (the full VAE decoder) or "taesd" (the
+        much cheaper Tiny AutoEncoder); anything else raises ValueError. Repeated calls return the same
+        decoder.
+        """
+
 
 def sd_sigmas(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
     """Stable Diffusion's scaled-linear schedule as k-diffusion sigmas (ascending)."""

@@ -409,6 +409,9 @@ class InsightFacePack:
 INSIGHTFACE_PACKS = {
     "buffalo_l": InsightFacePack("buffalo_l", "det_10g.onnx", "w600k_r50.onnx"),
     "antelopev2": InsightFacePack("antelopev2", "scrfd_10g_bnkps.onnx", "glintr100.onnx"),
+    # random weights of the ArcFace architecture that `./idlora start` writes so the bundled workflows run
+    # (tools/demo_models.py): a recognizer only, and not a face model
+    "idlora_demo": InsightFacePack("idlora_demo", "", "random_iresnet.onnx", others=()),
 }
 
 

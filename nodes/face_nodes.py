@@ -179,10 +179,12 @@ class FaceEmbedder(io.ComfyNode):
                                        "arcface-torch: the same file in a PyTorch IResNet (differentiable). "
                                        "clip-vision / dinov2: the connected CLIP_VISION model on aligned face "
                                        "crops (differentiable)."),
-                io.Combo.Input("pack", options=["buffalo_l", "antelopev2"], default="buffalo_l",
+                io.Combo.Input("pack", options=["buffalo_l", "antelopev2", "idlora_demo"], default="buffalo_l",
                                tooltip="arcface backends: the insightface pack whose recognizer is used "
                                        "(buffalo_l: w600k_r50.onnx; antelopev2: glintr100.onnx), from "
-                                       "models/insightface/models/<pack>/."),
+                                       "models/insightface/models/<pack>/. idlora_demo: random weights of "
+                                       "the same architecture that ./idlora start writes so the bundled "
+                                       "workflows run; not a face model."),
                 io.Combo.Input("device", options=list(ev.PROVIDERS), default="CPU",
                                tooltip="arcface backends: onnxruntime provider / torch device."),
                 io.ClipVision.Input("clip_vision", optional=True,

@@ -14,6 +14,7 @@ from .types import JobHandle, LoraHandle, LoraNameOutput
 
 CATEGORY = "IDLoRA/jobs"
 _JOB_TIP = "A job id, from a training node in background mode."
+WHICH = {"main": "", "content": "content_", "style": "style_"}  # -> the result keys <prefix>path / <prefix>lora
 
 
 def _job_id(job: str) -> str:
@@ -31,7 +32,11 @@ class WaitForJob(io.ComfyNode):
             category=CATEGORY,
             description="Block until a background job ends and return its LoRA. ComfyUI's Cancel stops the "
                         "waiting, not the job.",
-            inputs=[JobHandle.Input("job", tooltip=_JOB_TIP)],
+            inputs=[JobHandle.Input("job", tooltip=_JOB_TIP),
+                    io.Combo.Input("which", options=list(WHICH), default="main", optional=True,
+                                   tooltip="Which LoRA of the job: main (the plain trainer's LoRA, the style LoRA "
+                                           "of an identity-stylization job), or content / style of an "
+                                           "identity-stylization job.")],
             outputs=[LoraHandle.Output(display_name="lora", tooltip="The job's LoRA, read from its file."),
                      LoraNameOutput(display_name="lora_name", tooltip="The LoRA file under models/loras (for the "
                                                                      "stock LoraLoader)."),
@@ -39,7 +44,7 @@ class WaitForJob(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, job: str) -> io.NodeOutput:
+    def execute(cls, job: str, which: str = "main") -> io.NodeOutput:
         m = manager()
         j = m.get(_job_id(job))
         bar = comfy.utils.ProgressBar(max(j.status.total, 1))
@@ -51,8 +56,12 @@ class WaitForJob(io.ComfyNode):
             raise RuntimeError(f"job {job} ended {st.state.value}" + (f": {st.error}" if st.error else "") +
                                f". Resume it with POST /idlora/jobs/{job}/resume or the IDLoRA jobs panel")
         bar.update_absolute(st.total, max(st.total, 1))
+        prefix = WHICH[which]
+        if f"{prefix}path" not in st.result:
+            raise ValueError(f"job {job} ({st.kind}) has no {which} LoRA (its results: {sorted(st.result)}); "
+                             f"set 'which' to main")
         losses = [r["loss"] for r in m.losses(job)]
-        return io.NodeOutput(load_lora(st.result["path"]), st.result["lora"], {"loss": losses})
+        return io.NodeOutput(load_lora(st.result[f"{prefix}path"]), st.result[f"{prefix}lora"], {"loss": losses})
 
 
 class JobStatusNode(io.ComfyNode):

@@ -18,6 +18,7 @@ import threading
 import comfy.model_management
 import folder_paths
 
+from ..training.idstyle import IdentityStyleTask, Resources
 from ..training.jobs import JobManager
 from ..training.lora_job import LoraJobTask
 from . import model_source
@@ -43,6 +44,19 @@ def load_private_model(source: dict) -> ComfyDiffusion:
     return ComfyDiffusion(model_source.rebuild(source), load="private")
 
 
+def load_identity_resources(sources: dict) -> Resources:
+    """The model (with its VAE, for decoding x0) and the identity backbone of an identity-stylization job,
+    rebuilt from the nodes recorded at submit, sharing one cache (one checkpoint load for MODEL and VAE)."""
+    cache: dict = {}
+    model = model_source.rebuild(sources["model"], cache)
+    vae = model_source.rebuild(sources["vae"], cache)
+    embed = None
+    if sources.get("embedder"):
+        from .idstyle_nodes import embed_fn
+        embed = embed_fn(model_source.rebuild(sources["embedder"], cache))
+    return Resources(ComfyDiffusion(model, vae=vae, load="private"), embed)
+
+
 def manager() -> JobManager:
     global _manager
     with _lock:
@@ -50,6 +64,8 @@ def manager() -> JobManager:
             _manager = JobManager(jobs_root(), events=send_event, checkpoint_every=CHECKPOINT_EVERY,
                                   on_job_end=comfy.model_management.soft_empty_cache)
             _manager.register("lora", lambda cfg, d: LoraJobTask.from_config(cfg, d, load_private_model))
+            _manager.register("idstyle", lambda cfg, d: IdentityStyleTask.from_config(cfg, d,
+                                                                                     load_identity_resources))
             interrupted = [j.id for j in _manager.list() if j.status.state.value == "interrupted"]
             if interrupted:
                 log.info("IDLoRA: %d interrupted job(s) can be resumed: %s", len(interrupted), interrupted)

@@ -43,9 +43,12 @@ def record(prompt: dict | None, node_id: str | None, input_name: str = "model") 
 
 
 @torch.no_grad()
-def rebuild(source: dict):
-    """Run the recorded nodes and return the recorded output (a fresh MODEL with weights of its own)."""
-    prompt, cache = source["prompt"], {}
+def rebuild(source: dict, cache: dict | None = None):
+    """Run the recorded nodes and return the recorded output (a fresh MODEL with weights of its own).
+
+    Sources recorded from one prompt can share ``cache`` (node id -> outputs), so that e.g. the MODEL and the
+    VAE of one Load Checkpoint are loaded once."""
+    prompt, cache = source["prompt"], ({} if cache is None else cache)
 
     def evaluate(nid: str) -> tuple:
         if nid not in cache:

@@ -147,6 +147,10 @@ def make_base(base: Path, tiny_ckpt: Path) -> Path:
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "IDLoRA").symlink_to(ROOT, target_is_directory=True)
     (base / "models" / "checkpoints" / "idlora_tiny_sd15.safetensors").symlink_to(tiny_ckpt)
+    demo = os.environ.get("IDLORA_DEMO_MODELS")
+    if demo and Path(demo).is_dir():  # random-weight face / CLIP stand-ins (tools/demo_models.py)
+        from bootstrap import link_demo_models  # tools/
+        link_demo_models(base, Path(demo))
     for asset in sorted(a for ext in ("*.png", "*.jpg") for a in (ROOT / "workflows" / "assets").glob(ext)):
         shutil.copyfile(asset, base / "input" / asset.name)
     settings = base / "user" / "default" / "comfy.settings.json"  # no first-run template dialog in the browser

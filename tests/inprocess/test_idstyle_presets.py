@@ -1,0 +1,60 @@
+"""The block presets of identity stylization select what they document on the real SD1.5 and SDXL U-Nets
+(ComfyUI's own UNetModel at full size, built on the meta device: names and shapes only, no memory)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tiny_checkpoint import UNET_COMMON  # tools/
+
+pytestmark = pytest.mark.comfy
+
+FULL = {
+    "sd15": {**UNET_COMMON, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
+    "sdxl": {**UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+             "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
+}
+
+
+@pytest.fixture(scope="module")
+def unets(comfy):
+    import torch
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        return {k: UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init) for k, cfg in FULL.items()}
+
+
+def _targets(unet, pattern):
+    from idlora.models.lora import select_targets
+    return set(select_targets(unet, pattern))
+
+
+@pytest.mark.parametrize("preset,family,content_blocks,style_blocks", [
+    ("sd15_blora", "sd15", {"output_blocks.3.1"}, {"output_blocks.4.1"}),
+    ("sd15_down_up", "sd15", {"input_blocks.1.1", "input_blocks.2.1", "input_blocks.4.1", "input_blocks.5.1",
+                              "input_blocks.7.1", "input_blocks.8.1", "middle_block.1"},
+     {f"output_blocks.{i}.1" for i in range(3, 12)}),
+    ("sdxl_blora", "sdxl", {"output_blocks.0.1"}, {"output_blocks.1.1"}),
+])
+def test_presets_select_the_documented_blocks(unets, preset, family, content_blocks, style_blocks):
+    from idlora.training.idstyle import BLOCK_PRESETS
+    content, style, _ = BLOCK_PRESETS[preset]
+    c, s = _targets(unets[family], content), _targets(unets[family], style)
+    block = re.compile(r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)")
+    assert {block.match(n).group(1) for n in c} == content_blocks
+    assert {block.match(n).group(1) for n in s} == style_blocks
+    assert not c & s
+    assert all(re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", n) for n in c | s)
+
+
+def test_sdxl_blora_blocks_are_the_deep_ten_layer_transformers(unets):
+    from idlora.training.idstyle import BLOCK_PRESETS
+    content = _targets(unets["sdxl"], BLOCK_PRESETS["sdxl_blora"][0])
+    assert len(content) == 10 * 2 * 4  # 10 transformer blocks x (attn1, attn2) x (q, k, v, out)

@@ -430,12 +430,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def spawn(spec: dict, timeout: float, log_dir: Path, verbose: bool) -> dict:
+def spawn(spec: dict, timeout: float, log_dir: Path, verbose: bool, script: Path | None = None,
+          tag: str | None = None) -> dict:
+    """Run ``script`` (this file by default) as ``--child SPEC --result PATH`` under ALLOC_ENV; its result dict."""
     env = dict(os.environ, **ALLOC_ENV)
-    tag = f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{int(spec['ckpt'])}"
+    if tag is None:
+        tag = f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{int(spec['ckpt'])}"
     result_path = log_dir / f"{tag}.json"
     log_path = log_dir / f"{tag}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--result", str(result_path)]
+    cmd = [sys.executable, str(Path(script or __file__).resolve()), "--child", json.dumps(spec),
+           "--result", str(result_path)]
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     with open(log_path, "w") as log:

@@ -101,6 +101,10 @@ class TrainData:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.latents.device
+
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, Cond]:
         return self.latents[idx], {k: v[idx] for k, v in self.cond.items()}
 
@@ -194,8 +198,8 @@ class LoraTrainer:
         targets = select_targets(model.denoiser, self.cfg.targets, self.cfg.exclude)
         for p in model.denoiser.parameters():
             p.requires_grad_(False)
-        self.network = LoraNetwork(targets, self.cfg.rank, self.cfg.alpha, seed=self.cfg.seed).to(model.device)
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.cfg.learning_rate,
+        self.network = self.build_network(targets).to(model.device)
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.cfg.learning_rate,
                                            weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.amp_dtype = autocast_dtype(self.cfg.precision, model.device)
@@ -208,6 +212,13 @@ class LoraTrainer:
         lo, hi = self.cfg.timestep_range
         self.t_range = (int(lo * (n - 1)), max(int(lo * (n - 1)) + 1, int(round(hi * n))))
 
+    def build_network(self, targets: dict[str, nn.Module]) -> nn.Module:
+        """The adapter on the chosen layers (methods with other adapters override it)."""
+        return LoraNetwork(targets, self.cfg.rank, self.cfg.alpha, seed=self.cfg.seed)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
     def lr_factor(self, step: int) -> float:
         """Learning-rate multiplier at an optimizer step (linear warm-up). Methods override it."""
         warm = self.cfg.warmup_steps
@@ -219,7 +230,7 @@ class LoraTrainer:
         n, b, g = len(self.data), self.cfg.batch_size, self.generator
         idx = torch.randperm(n, generator=g)[:b] if b <= n else torch.randint(0, n, (b,), generator=g)
         self.batch_idx = idx
-        x0, cond = self.data.batch(idx.to(self.data.latents.device))
+        x0, cond = self.data.batch(idx.to(self.data.device))
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         t = torch.randint(*self.t_range, (x0.shape[0],), generator=g)
         return x0, cond, noise, self.model.sigmas[t].to(x0.device)
@@ -246,7 +257,7 @@ class LoraTrainer:
         else:
             loss.backward()
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -275,6 +286,10 @@ class LoraTrainer:
                     on_step(self.step, self.cfg.steps, loss)
         log.info("trained %s for %d steps in %.1f s (final loss %.4f)", self.method, self.step,
                  time.perf_counter() - t0, self.losses[-1])
+        return self.output()
+
+    def output(self):
+        """What ``run`` returns: the trained LoRA (a method whose product is something else overrides it)."""
         return self.bundle()
 
     # -- checkpoints and jobs ------------------------------------------------
@@ -282,7 +297,7 @@ class LoraTrainer:
         """Everything a resumed run needs to continue exactly: adapter, optimizer, scheduler, RNG, step."""
         return {
             "network": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
-            "alphas": {n: layer.alpha for n, layer in self.network.items()},
+            "alphas": self.alphas(),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot, not live moments
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -294,7 +309,7 @@ class LoraTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.network.load_state_dict(state["network"])
-        for n, layer in self.network.items():
+        for n, layer in getattr(self.network, "items", dict)():
             layer.alpha = float(state["alphas"][n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -305,12 +320,15 @@ class LoraTrainer:
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"]]
 
+    def alphas(self) -> dict[str, float]:
+        return {n: layer.alpha for n, layer in self.network.items()}
+
     @torch.no_grad()
     def preview(self) -> torch.Tensor:
         """The model's x0 estimate of the first training latent at mid noise, with the LoRA, as an image.
         Uses a generator of its own, so previews never change the training run."""
         g = torch.Generator().manual_seed(self.cfg.seed + 1)
-        x0, cond = self.data.batch(torch.tensor([0], device=self.data.latents.device))
+        x0, cond = self.data.batch(torch.tensor([0], device=self.data.device))
         sigma = self.model.sigmas[len(self.model.sigmas) // 2].reshape(1).to(x0.device)
         x_t = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0.device), sigma)
         out = self.model.net_forward(x_t, sigma, cond)
@@ -347,7 +365,7 @@ class LoraTrainer:
         return {
             "ss_base_model_version": BASE_MODEL_VERSIONS.get(self.model.name, self.model.name),
             "ss_network_dim": str(self.cfg.rank),
-            "ss_network_alpha": str(self.network.items().__next__()[1].alpha),
+            "ss_network_alpha": str(next(iter(self.alphas().values()), self.cfg.rank)),
             "ss_steps": str(self.step),
             "idlora_method": self.method,
             "idlora_phase": "",

@@ -1,0 +1,389 @@
+"""Meta-LoRA (Meta-LoRA: Meta-Learning LoRA Components for Domain-Aware ID Personalization).
+
+Stage 1 (Algorithm 1) meta-trains the shared Meta-Down over many identities. Identities are grouped into buckets;
+each bucket runs for ``q_bucket`` iterations (by default so that each of its images is used about 10 times). In
+the first ``q_warmup = 0.4 q_bucket`` iterations only the Mid and Up of the bucket's identities learn, syncing them
+with the current Meta-Down; then everything does. The Mid / Up of identities outside the bucket stay in CPU
+memory, so thousands of identities fit. Under torch.distributed every rank trains its own identities and the
+Meta-Down gradients are averaged across ranks (a data-parallel all-reduce: Mid / Up are rank-local, which is why
+the DDP wrapper, which would synchronise every parameter, is not used).
+
+Stage 2 (Algorithm 2) fits one Mid / Up pair to one photo's augmented crops with Meta-Down frozen, and collapses
+it exactly to a standard rank-r2 LoRA (lora_down = mid @ meta_down, lora_up = up, alpha = r2).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..models.lora import LoraConfigError
+from ..models.meta_lora import MetaLoraNetwork, check_ranks
+from .diffusion import Cond, DiffusionModel
+from .fileio import atomic_path
+from .lora_format import LoraBundle, LoraWeight
+from .lora_trainer import BASE_MODEL_VERSIONS, LoraTrainConfig, LoraTrainer, TrainData, TrainingInputError
+
+PROMPT_TEMPLATES = ("a photo of {}", "a close-up photo of {}", "a portrait of {}", "a picture of {}",
+                    "a cropped photo of {}", "a good photo of {}")
+META_DOWN_METHOD = "meta_lora_down"
+
+
+class MetaDownError(ValueError):
+    """A Meta-Down file that does not fit; the message names the file, what differs and the fix."""
+
+
+def identity_prompts(class_word: str, n: int, token: str = "sks", templates=PROMPT_TEMPLATES,
+                     seed: int = 0) -> list[str]:
+    """n prompts from the templates, each about ``<token> <class word>`` (seeded choice)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(templates), (n,), generator=g).tolist()
+    return [templates[i].format(f"{token} {class_word}".strip()) for i in picks]
+
+
+# -- data ------------------------------------------------------------------------------------
+
+@dataclass
+class IdentitySet:
+    """Stage-1 data: every image's latent (one size), its conditioning row, and the identity it belongs to."""
+    names: list[str]
+    latents: torch.Tensor      # (N_img, C, h, w)
+    cond: Cond                 # rows per image
+    owner: torch.Tensor        # (N_img,) identity index
+
+    def __post_init__(self):
+        counts = torch.bincount(self.owner, minlength=len(self.names))
+        empty = [self.names[i] for i in range(len(self.names)) if counts[i] == 0]
+        if empty:
+            raise TrainingInputError(f"identities {empty} have no images: every identity folder needs at least one "
+                                     f"image (.jpg, .png, .webp)")
+
+    @property
+    def device(self) -> torch.device:
+        return self.latents.device
+
+    def images_of(self, ids: list[int]) -> torch.Tensor:
+        return torch.nonzero(torch.isin(self.owner, torch.tensor(ids)), as_tuple=True)[0]
+
+
+@dataclass
+class CropData:
+    """Stage-2 data: latents of different sizes (one per augmented crop), with a conditioning row each."""
+    latents: list[torch.Tensor]   # (1, C, h_i, w_i)
+    conds: list[Cond]
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    @property
+    def device(self) -> torch.device:
+        return self.latents[0].device
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, Cond]:
+        if idx.numel() != 1:
+            raise TrainingInputError(f"batch_size = {idx.numel()} with crops of different sizes: use batch_size 1 "
+                                     f"(Meta-LoRA stage 2 uses 1)")
+        i = int(idx[0])
+        return self.latents[i], self.conds[i]
+
+
+# -- configs --------------------------------------------------------------------------------
+
+@dataclass
+class MetaStage1Config(LoraTrainConfig):
+    """``rank`` is r2 (Mid's output). ``steps`` is q_total."""
+    steps: int = 2000
+    learning_rate: float = 4e-4
+    rank: int = 1
+    batch_size: int = 4
+    r1: int = 128
+    identities_per_bucket: int = 8
+    bucket_steps: int = 0              # q_bucket; 0: each image of a bucket is used about `uses_per_image` times
+    uses_per_image: float = 10.0
+    warmup_fraction: float = 0.4       # q_warmup = warmup_fraction * q_bucket
+
+    def validate(self) -> "MetaStage1Config":
+        super().validate()
+        try:
+            check_ranks(self.r1, self.rank)
+        except LoraConfigError as e:
+            raise TrainingInputError(str(e)) from None
+        if self.precision == "fp16":
+            raise TrainingInputError("precision = 'fp16' is not supported by Meta-LoRA: use auto, bf16 or fp32")
+        for name, ok, fix in (
+                ("identities_per_bucket", self.identities_per_bucket >= 1, "use a whole number >= 1"),
+                ("bucket_steps", self.bucket_steps >= 0, "use 0 (automatic) or a whole number >= 1"),
+                ("uses_per_image", self.uses_per_image > 0, "use a number > 0 (the paper: 10)"),
+                ("warmup_fraction", 0 <= self.warmup_fraction < 1, "use a fraction 0 <= f < 1 (the paper: 0.4)")):
+            if not ok:
+                raise TrainingInputError(f"{name} = {getattr(self, name)!r} is invalid: {fix}")
+        return self
+
+
+@dataclass
+class MetaStage2Config(LoraTrainConfig):
+    """Stage 2: Mid and Up only. ``rank`` is r2. Defaults from the paper's B.1."""
+    steps: int = 375
+    learning_rate: float = 4e-4
+    rank: int = 1
+    batch_size: int = 1
+
+
+# -- Meta-Down files ------------------------------------------------------------------------------
+
+def save_meta_down(path: str | Path, network: MetaLoraNetwork, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+    tensors = {f"{n}.meta_down": network.meta_down[k].detach().float().cpu().contiguous()
+               for n, k in zip(network.names, network.meta_down.keys())}
+    meta = dict(metadata, idlora_method=META_DOWN_METHOD, idlora_r1=str(network.r1),
+                idlora_modules=json.dumps({n: list(t.shape) for n, t in tensors.items()}))
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_meta_down(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({module name: meta-down weight}, metadata) of a Meta-Down file."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Meta-Down file {path} does not exist: train one with IDLoRA Meta-LoRA Stage 1, or "
+                                f"put it in models/idlora/meta_down/")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            weights = {k[:-len(".meta_down")]: f.get_tensor(k) for k in f.keys() if k.endswith(".meta_down")}
+    except Exception as e:  # noqa: BLE001  a broken file: say which one
+        raise MetaDownError(f"{path} is not a readable safetensors file ({e})") from e
+    if meta.get("idlora_method") != META_DOWN_METHOD or not weights:
+        raise MetaDownError(f"{path} is not a Meta-Down file (method {meta.get('idlora_method')!r}, "
+                            f"{len(weights)} meta-down tensors): a plain LoRA cannot be used as a Meta-Down")
+    r1s = {int(t.shape[0]) for t in weights.values()}
+    if len(r1s) != 1 or str(r1s.pop()) != meta.get("idlora_r1"):
+        raise MetaDownError(f"{path}: its tensors' rank disagrees with its metadata r1 = {meta.get('idlora_r1')}; "
+                            f"the file is damaged: train it again")
+    return weights, meta
+
+
+def check_meta_down(weights: dict[str, torch.Tensor], meta: dict[str, str], model: DiffusionModel,
+                    source: str = "the Meta-Down", r1: int | None = None) -> dict[str, nn.Module]:
+    """The target modules of ``model`` the Meta-Down was trained on; MetaDownError naming what does not fit."""
+    base = meta.get("idlora_base_model", "?")
+    if base != model.name:
+        raise MetaDownError(f"{source} was trained on base model {base!r}, this model is {model.name!r}: use a "
+                            f"Meta-Down trained on this base model")
+    if r1 is not None and int(meta["idlora_r1"]) != r1:
+        raise MetaDownError(f"{source} has rank r1 = {meta['idlora_r1']}, the settings ask for r1 = {r1}: set r1 to "
+                            f"{meta['idlora_r1']} or train a Meta-Down with r1 = {r1}")
+    modules = dict(model.denoiser.named_modules())
+    missing = [n for n in weights if n not in modules]
+    bad = [(n, tuple(w.shape[1:]), tuple(modules[n].weight.shape[1:])) for n, w in weights.items()
+           if n in modules and tuple(w.shape[1:]) != tuple(modules[n].weight.shape[1:])]
+    if missing or bad:
+        detail = f"{len(missing)} of its modules are missing (e.g. {missing[:1]})" if missing else \
+            f"input shapes differ (e.g. {bad[0][0]}: {bad[0][1]} vs {bad[0][2]})"
+        raise MetaDownError(f"{source} does not fit this model: {detail}. It was made for another architecture; "
+                            f"train a Meta-Down for this checkpoint")
+    return {n: modules[n] for n in weights}
+
+
+# -- stage 2 ---------------------------------------------------------------------------------------
+
+class MetaLoraPersonalizer(LoraTrainer):
+    """Stage 2: Mid and Up of one identity on the crops of one photo; Meta-Down frozen."""
+
+    method = "meta_lora"
+
+    def __init__(self, model: DiffusionModel, data: CropData, config: MetaStage2Config,
+                 meta_down: dict[str, torch.Tensor], meta: dict[str, str]):
+        self.meta_down_weights, self.meta_down_meta = meta_down, meta
+        self._targets = check_meta_down(meta_down, meta, model)
+        super().__init__(model, data, config)
+
+    def build_network(self, targets) -> MetaLoraNetwork:
+        r1 = int(self.meta_down_meta["idlora_r1"])
+        net = MetaLoraNetwork(self._targets, r1, self.cfg.rank, slots=1, seed=self.cfg.seed)
+        with torch.no_grad():
+            for name, k in zip(net.names, net.meta_down.keys()):
+                net.meta_down[k].copy_(self.meta_down_weights[name])
+        net.meta_down.requires_grad_(False)
+        return net
+
+    def alphas(self) -> dict[str, float]:
+        return {n: float(self.cfg.rank) for n in self.network.names}
+
+    def metadata(self) -> dict[str, str]:
+        meta = super().metadata()
+        meta.update(idlora_ranks=json.dumps({"r1": self.network.r1, "r2": self.cfg.rank}),
+                    idlora_targets=self.meta_down_meta.get("idlora_targets", ""),
+                    idlora_meta_down=self.meta_down_meta.get("idlora_name", ""))
+        return meta
+
+    def bundle(self) -> LoraBundle:
+        weights = {n: LoraWeight(d, u, a) for n, (d, u, a) in self.network.collapse(0).items()}
+        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+
+
+# -- stage 1 -----------------------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+class MetaLoraStage1(LoraTrainer):
+    """Algorithm 1 with buckets, warm-up, identities off the device, and data parallelism over ranks."""
+
+    method = "meta_lora_stage1"
+
+    def __init__(self, model: DiffusionModel, data: IdentitySet, config: MetaStage1Config):
+        self.rank, self.world = _dist()
+        self.my_ids = list(range(len(data.names)))[self.rank::self.world]
+        if not self.my_ids:
+            raise TrainingInputError(f"{len(data.names)} identities for {self.world} processes: every process needs at "
+                                     f"least one identity; use fewer processes")
+        super().__init__(model, data, config)
+        n = min(config.identities_per_bucket, len(self.my_ids))
+        images_per_id = len(data.owner) / len(data.names)  # the global mean: every rank gets the same q_bucket
+        self.q_bucket = config.bucket_steps or max(1, math.ceil(config.uses_per_image * n * images_per_id /
+                                                                config.batch_size))
+        self.q_warmup = int(config.warmup_fraction * self.q_bucket)
+        self.store: dict[int, dict[str, torch.Tensor]] = {}  # identity -> its Mid / Up, on the CPU
+        self.bucket_index, self.in_bucket = 0, 0
+        self.bucket: list[int] = []
+        self.id_optimizer: torch.optim.Optimizer | None = None
+        self.warmup_log: list[tuple[int, bool]] = []
+
+    def build_network(self, targets) -> MetaLoraNetwork:
+        slots = min(self.cfg.identities_per_bucket, len(self.my_ids))
+        return MetaLoraNetwork(targets, self.cfg.r1, self.cfg.rank, slots=slots, seed=self.cfg.seed)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.network.shared_parameters()  # self.optimizer: Meta-Down; the bucket's optimizer: Mid / Up
+
+    def alphas(self) -> dict[str, float]:
+        return {n: float(self.cfg.rank) for n in self.network.names}
+
+    # -- buckets ---------------------------------------------------------------------------------
+    def bucket_ids(self, index: int) -> list[int]:
+        n = self.network.n_slots
+        groups = math.ceil(len(self.my_ids) / n)
+        cycle, pos = divmod(index, groups)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + cycle * 7919 + self.rank)
+        order = [self.my_ids[i] for i in torch.randperm(len(self.my_ids), generator=g).tolist()]
+        return order[pos * n:(pos + 1) * n]
+
+    def enter_bucket(self) -> None:
+        self.bucket = self.bucket_ids(self.bucket_index)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 17)
+        for slot, ident in enumerate(self.bucket):
+            if ident in self.store:
+                self.network.load_slot_state(slot, self.store[ident])
+            else:
+                gen.manual_seed(self.cfg.seed * 7 + ident)
+                self.network.init_slot(slot, gen)
+        self.id_optimizer = torch.optim.AdamW(self.network.identity_parameters(), lr=self.cfg.learning_rate,
+                                              weight_decay=self.cfg.weight_decay)
+
+    def leave_bucket(self) -> None:
+        for slot, ident in enumerate(self.bucket):
+            self.store[ident] = self.network.slot_state(slot)
+        self.bucket_index, self.in_bucket = self.bucket_index + 1, 0
+
+    def sample_batch(self):
+        g, b = self.generator, self.cfg.batch_size
+        pool = self.data.images_of(self.bucket)
+        idx = pool[torch.randint(0, len(pool), (b,), generator=g)]
+        x0, cond = self.data.latents[idx], {k: v[idx] for k, v in self.data.cond.items()}
+        slots = torch.tensor([self.bucket.index(int(o)) for o in self.data.owner[idx]])
+        self.network.set_slots(slots)
+        self.batch_idx = idx
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        t = torch.randint(*self.t_range, (b,), generator=g)
+        return x0, cond, noise, self.model.sigmas[t].to(x0.device)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        if self.in_bucket == 0:
+            self.enter_bucket()
+        warm = self.in_bucket < self.q_warmup
+        self.network.meta_down.requires_grad_(not warm)
+        x0, cond, noise, sigma = self.sample_batch()
+        amp = (torch.autocast(self.model.device.type, dtype=self.amp_dtype) if self.amp_dtype
+               else contextlib.nullcontext())
+        with amp:
+            loss = self.loss(x0, cond, noise, sigma)
+        value = loss.item()
+        if not math.isfinite(value):
+            from .lora_trainer import NonFiniteLossError
+            raise NonFiniteLossError(self.step + 1, value, self.cfg.learning_rate)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.id_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not warm:
+            self.all_reduce_shared()
+        params = self.network.identity_parameters() + ([] if warm else self.network.shared_parameters())
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.id_optimizer.step()
+        if not warm:
+            self.optimizer.step()
+        self.warmup_log.append((self.step + 1, warm))
+        self.step += 1
+        self.in_bucket += 1
+        self.losses.append(value)
+        if self.in_bucket >= self.q_bucket:
+            self.leave_bucket()
+        return value
+
+    def all_reduce_shared(self) -> None:
+        if self.world == 1:
+            return
+        for p in self.network.shared_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= self.world
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self.in_bucket:  # the bucket's current Mid / Up, so that a resume continues inside the bucket
+            for slot, ident in enumerate(self.bucket):
+                self.store[ident] = self.network.slot_state(slot)
+        state = super().state_dict()
+        state.update(store={str(k): v for k, v in self.store.items()}, bucket_index=self.bucket_index,
+                     in_bucket=self.in_bucket, q_bucket=self.q_bucket, rank=self.rank, world=self.world,
+                     id_optimizer=self.id_optimizer.state_dict() if self.id_optimizer and self.in_bucket else None)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise TrainingInputError(f"this checkpoint is of process {state['rank']} of {state['world']}; resume with "
+                                     f"the same number of processes ({state['world']})")
+        super().load_state_dict(state)
+        self.store = {int(k): v for k, v in state["store"].items()}
+        self.bucket_index, self.in_bucket, self.q_bucket = state["bucket_index"], state["in_bucket"], state["q_bucket"]
+        if self.in_bucket:
+            self.enter_bucket()
+            if state.get("id_optimizer"):
+                self.id_optimizer.load_state_dict(state["id_optimizer"])
+
+    def output(self) -> MetaLoraNetwork:
+        """Stage 1's product is the Meta-Down (save it with ``save_meta_down``), not a LoRA."""
+        return self.network
+
+    def meta_down_metadata(self, name: str = "") -> dict[str, str]:
+        return {"idlora_base_model": self.model.name, "idlora_targets": self.cfg.targets, "idlora_name": name,
+                "idlora_steps": str(self.step), "idlora_identities": str(len(self.data.names)),
+                "idlora_config": json.dumps({k: v for k, v in vars(self.cfg).items()}),
+                "ss_base_model_version": BASE_MODEL_VERSIONS.get(self.model.name, self.model.name)}
+
+
+def collapse_check(network: MetaLoraNetwork, slot: int = 0) -> dict[str, LoraWeight]:
+    """The collapsed LoRA of one slot as LoraWeights (for saving or comparing)."""
+    return {n: LoraWeight(d, u, a) for n, (d, u, a) in network.collapse(slot).items()}
+

@@ -1,16 +1,18 @@
-"""IDLoRA's ComfyUI nodes (V3 schema) and HTTP routes."""
+"""IDLoRA's ComfyUI nodes (V3 schema) and HTTP routes.
+
+The node modules are imported when ComfyUI asks for the node list, so that importing one helper of this package
+(e.g. ``nodes.comfy_adapter`` in a benchmark or under torchrun) does not import every node.
+"""
 from comfy_api.latest import ComfyExtension, io
 
 from . import routes
-from .face_nodes import NODES as FACE_NODES
-from .guidance_nodes import NODES as GUIDANCE_NODES
-from .idstyle_nodes import NODES as IDSTYLE_NODES
-from .job_nodes import NODES as JOB_NODES
-from .lora_nodes import NODES as LORA_NODES
 
 routes.register_with_server()
+
+NODE_MODULES = ("lora_nodes", "job_nodes", "face_nodes", "idstyle_nodes", "guidance_nodes", "meta_lora_nodes")
 
 
 class IDLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*LORA_NODES, *JOB_NODES, *FACE_NODES, *IDSTYLE_NODES, *GUIDANCE_NODES]
+        from importlib import import_module
+        return [node for name in NODE_MODULES for node in import_module(f"{__name__}.{name}").NODES]

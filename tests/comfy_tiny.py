@@ -285,6 +285,22 @@ def _self_check(comfy_dir: str) -> None:
     logger.info("self-check OK")
 
 
+def tiny_patcher(arch: str):
+    """The tiny "sd15" or "sdxl" ModelPatcher (seed 0)."""
+    return tiny_sd15(seed=0) if arch == "sd15" else tiny_sdxl(seed=0)
+
+
+def tiny_cond(arch: str, patcher, n: int, seed: int) -> dict:
+    """Random denoiser conditioning for ``n`` samples: context, and SDXL's ``y`` (pooled + size embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    if arch == "sd15":
+        return {"context": torch.randn(n, 77, 64, generator=g)}
+    context, pooled = tiny_sdxl_cond(n, seed)
+    y = patcher.model.encode_adm(pooled_output=pooled, width=64, height=64, crop_w=0, crop_h=0,
+                                 target_width=64, target_height=64, device=torch.device("cpu"))
+    return {"context": context, "y": y}
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -293,3 +309,4 @@ if __name__ == "__main__":
     ns = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     _self_check(ns.comfy)
+

@@ -19,18 +19,12 @@ def env(comfy, tmp_path_factory):
 
 def _cond(arch: str, patcher, n: int, seed: int):
     import comfy_tiny
-    g = torch.Generator().manual_seed(seed)
-    if arch == "sd15":
-        return {"context": torch.randn(n, 77, 64, generator=g)}
-    context, pooled = comfy_tiny.tiny_sdxl_cond(n, seed)
-    y = patcher.model.encode_adm(pooled_output=pooled, width=64, height=64, crop_w=0, crop_h=0,
-                                 target_width=64, target_height=64, device=torch.device("cpu"))
-    return {"context": context, "y": y}
+    return comfy_tiny.tiny_cond(arch, patcher, n, seed)
 
 
 def _patcher(arch: str):
     import comfy_tiny
-    return comfy_tiny.tiny_sd15(seed=0) if arch == "sd15" else comfy_tiny.tiny_sdxl(seed=0)
+    return comfy_tiny.tiny_patcher(arch)
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

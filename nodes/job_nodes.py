@@ -14,7 +14,7 @@ from .types import JobHandle, LoraHandle, LoraNameOutput
 
 CATEGORY = "IDLoRA/jobs"
 _JOB_TIP = "A job id, from a training node in background mode."
-WHICH = {"main": "", "content": "content_", "style": "style_"}  # -> the result keys <prefix>path / <prefix>lora
+WHICH = {"main": "", "content": "content_", "style": "style_", "meta_down": "meta_down_"}  # -> the result keys <prefix>path / <prefix>lora
 
 
 def _job_id(job: str) -> str:
@@ -35,8 +35,10 @@ class WaitForJob(io.ComfyNode):
             inputs=[JobHandle.Input("job", tooltip=_JOB_TIP),
                     io.Combo.Input("which", options=list(WHICH), default="main", optional=True,
                                    tooltip="Which LoRA of the job: main (the plain trainer's LoRA, the style LoRA "
-                                           "of an identity-stylization job), or content / style of an "
-                                           "identity-stylization job.")],
+                                           "of an identity-stylization job), content / style of an "
+                                           "identity-stylization job, or meta_down of a Meta-LoRA stage-1 job "
+                                           "(then 'lora' is empty and 'lora_name' is the Meta-Down file, for "
+                                           "IDLoRA Load Meta-Down).")],
             outputs=[LoraHandle.Output(display_name="lora", tooltip="The job's LoRA, read from its file."),
                      LoraNameOutput(display_name="lora_name", tooltip="The LoRA file under models/loras (for the "
                                                                      "stock LoraLoader)."),
@@ -57,10 +59,12 @@ class WaitForJob(io.ComfyNode):
                                f". Resume it with POST /idlora/jobs/{job}/resume or the IDLoRA jobs panel")
         bar.update_absolute(st.total, max(st.total, 1))
         prefix = WHICH[which]
+        losses = [r["loss"] for r in m.losses(job)]
+        if which == "meta_down" and "meta_down_path" in st.result:  # not a LoRA: its name feeds Load Meta-Down
+            return io.NodeOutput(None, st.result["meta_down"], {"loss": losses})
         if f"{prefix}path" not in st.result:
             raise ValueError(f"job {job} ({st.kind}) has no {which} LoRA (its results: {sorted(st.result)}); "
                              f"set 'which' to main")
-        losses = [r["loss"] for r in m.losses(job)]
         return io.NodeOutput(load_lora(st.result[f"{prefix}path"]), st.result[f"{prefix}lora"], {"loss": losses})
 
 

@@ -21,6 +21,7 @@ import folder_paths
 from ..training.idstyle import IdentityStyleTask, Resources
 from ..training.jobs import JobManager
 from ..training.lora_job import LoraJobTask
+from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
 from .comfy_adapter import ComfyDiffusion
 
@@ -64,6 +65,10 @@ def manager() -> JobManager:
             _manager = JobManager(jobs_root(), events=send_event, checkpoint_every=CHECKPOINT_EVERY,
                                   on_job_end=comfy.model_management.soft_empty_cache)
             _manager.register("lora", lambda cfg, d: LoraJobTask.from_config(cfg, d, load_private_model))
+            _manager.register("meta_lora_stage1",
+                              lambda cfg, d: MetaStage1Task.from_config(cfg, d, load_private_model))
+            _manager.register("meta_lora_personalize",
+                              lambda cfg, d: MetaPersonalizeTask.from_config(cfg, d, load_private_model))
             _manager.register("idstyle", lambda cfg, d: IdentityStyleTask.from_config(cfg, d,
                                                                                      load_identity_resources))
             interrupted = [j.id for j in _manager.list() if j.status.state.value == "interrupted"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -151,8 +150,8 @@ def make_base(base: Path, tiny_ckpt: Path) -> Path:
     if demo and Path(demo).is_dir():  # random-weight face / CLIP stand-ins (tools/demo_models.py)
         from bootstrap import link_demo_models  # tools/
         link_demo_models(base, Path(demo))
-    for asset in sorted(a for ext in ("*.png", "*.jpg") for a in (ROOT / "workflows" / "assets").glob(ext)):
-        shutil.copyfile(asset, base / "input" / asset.name)
+    from bootstrap import copy_assets  # tools/
+    copy_assets(base / "input")
     settings = base / "user" / "default" / "comfy.settings.json"  # no first-run template dialog in the browser
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))

@@ -144,11 +144,18 @@ def ensure_base(base: Path) -> Path:
         ckpt.unlink(missing_ok=True)
         ckpt.symlink_to(src)
     link_demo_models(base, ensure_demo_models())
-    for asset in sorted(a for ext in ("*.png", "*.jpg") for a in (ROOT / "workflows" / "assets").glob(ext)):
-        dst = base / "input" / asset.name
-        if not dst.exists():
-            shutil.copyfile(asset, dst)
+    copy_assets(base / "input")
     return base
+
+
+def copy_assets(input_dir: Path) -> None:
+    """The bundled workflows' example inputs (images, and folders such as a stage-1 identity dataset)."""
+    for asset in sorted((ROOT / "workflows" / "assets").iterdir()):
+        dst = input_dir / asset.name
+        if asset.is_dir() and not dst.exists():
+            shutil.copytree(asset, dst)
+        elif asset.suffix.lower() in (".png", ".jpg") and not dst.exists():
+            shutil.copyfile(asset, dst)
 
 
 def extra_model_paths(base: Path, models_dir: Path) -> Path:

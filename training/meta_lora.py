@@ -28,7 +28,7 @@ from ..models.meta_lora import MetaLoraNetwork, check_ranks
 from .diffusion import Cond, DiffusionModel
 from .fileio import atomic_path
 from .lora_format import LoraBundle, LoraWeight
-from .lora_trainer import BASE_MODEL_VERSIONS, LoraTrainConfig, LoraTrainer, TrainData, TrainingInputError
+from .lora_trainer import BASE_MODEL_VERSIONS, LoraTrainConfig, LoraTrainer, TrainingInputError
 
 PROMPT_TEMPLATES = ("a photo of {}", "a close-up photo of {}", "a portrait of {}", "a picture of {}",
                     "a cropped photo of {}", "a good photo of {}")

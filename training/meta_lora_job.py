@@ -1,0 +1,106 @@
+"""Meta-LoRA stage 1 and stage 2 as background jobs (training/jobs.py Tasks).
+
+Both persist their encoded data in the job folder at submit and record how to rebuild the model, so that a
+resume (after a cancel or a restart) continues from the checkpoint: stage 1 across and inside buckets, with every
+identity's Mid / Up. Outputs are written atomically when a job completes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .diffusion import DiffusionModel
+from .fileio import atomic_path
+from .lora_format import save_lora
+from .meta_lora import (CropData, IdentitySet, MetaLoraPersonalizer, MetaLoraStage1, MetaStage1Config,
+                        MetaStage2Config, load_meta_down, save_meta_down)
+
+ModelLoader = Callable[[dict], DiffusionModel]
+
+
+def _save(payload: dict, job_dir: Path) -> None:
+    with atomic_path(Path(job_dir) / "data.pt") as tmp:
+        torch.save(payload, tmp)
+
+
+def _load(job_dir: Path) -> dict:
+    path = Path(job_dir) / "data.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (its encoded images); the job cannot be "
+                                f"rebuilt: start it again from its workflow")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class MetaStage1Task:
+    kind = "meta_lora_stage1"
+    phases = ["meta_train"]
+
+    def __init__(self, cfg: MetaStage1Config, output_path: str, name: str, model_source: dict,
+                 model_loader: ModelLoader, data: IdentitySet | None = None):
+        self.cfg, self.data, self.model_loader = cfg.validate(), data, model_loader
+        self.config = {"train": asdict(cfg), "output_path": output_path, "name": name, "model_source": model_source}
+
+    @classmethod
+    def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "MetaStage1Task":
+        d = _load(job_dir)
+        data = IdentitySet(d["names"], d["latents"], d["cond"], d["owner"])
+        return cls(MetaStage1Config.from_dict(config["train"]), config["output_path"], config["name"],
+                   config["model_source"], model_loader, data)
+
+    def prepare(self, job_dir: Path) -> None:
+        d = self.data
+        _save({"names": list(d.names), "latents": d.latents.cpu(), "cond": {k: v.cpu() for k, v in d.cond.items()},
+               "owner": d.owner.cpu()}, job_dir)
+
+    def run(self, ctx) -> dict:
+        model = self.model_loader(self.config["model_source"])
+        d = self.data
+        data = IdentitySet(d.names, d.latents.to(model.device), {k: v.to(model.device) for k, v in d.cond.items()},
+                           d.owner)
+        trainer = MetaLoraStage1(model, data, self.cfg)
+        ctx.log.info("%d identities, q_bucket %d, warm-up %d steps per bucket", len(d.names), trainer.q_bucket,
+                     trainer.q_warmup)
+        trainer.run_in_job(ctx, "meta_train")
+        save_meta_down(self.config["output_path"], trainer.network, trainer.meta_down_metadata(self.config["name"]))
+        ctx.log.info("saved %s", self.config["output_path"])
+        return {"meta_down": self.config["name"], "meta_down_path": self.config["output_path"], "steps": trainer.step,
+                "identities": len(d.names), "final_loss": trainer.losses[-1] if trainer.losses else None}
+
+
+class MetaPersonalizeTask:
+    kind = "meta_lora_personalize"
+    phases = ["personalize"]
+
+    def __init__(self, cfg: MetaStage2Config, meta_down_path: str, output_path: str, lora_name: str,
+                 model_source: dict, model_loader: ModelLoader, data: CropData | None = None,
+                 sample_every: int = 0):
+        self.cfg, self.data, self.model_loader = cfg.validate(), data, model_loader
+        self.config = {"train": asdict(cfg), "meta_down_path": meta_down_path, "output_path": output_path,
+                       "lora_name": lora_name, "model_source": model_source, "sample_every": int(sample_every)}
+
+    @classmethod
+    def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "MetaPersonalizeTask":
+        d = _load(job_dir)
+        return cls(MetaStage2Config.from_dict(config["train"]), config["meta_down_path"], config["output_path"],
+                   config["lora_name"], config["model_source"], model_loader, CropData(d["latents"], d["conds"]),
+                   config.get("sample_every", 0))
+
+    def prepare(self, job_dir: Path) -> None:
+        _save({"latents": [x.cpu() for x in self.data.latents],
+               "conds": [{k: v.cpu() for k, v in c.items()} for c in self.data.conds]}, job_dir)
+
+    def run(self, ctx) -> dict:
+        model = self.model_loader(self.config["model_source"])
+        data = CropData([x.to(model.device) for x in self.data.latents],
+                        [{k: v.to(model.device) for k, v in c.items()} for c in self.data.conds])
+        weights, meta = load_meta_down(self.config["meta_down_path"])
+        trainer = MetaLoraPersonalizer(model, data, self.cfg, weights, meta)
+        trainer.run_in_job(ctx, "personalize", self.config["sample_every"])
+        bundle = trainer.bundle()
+        bundle.metadata["idlora_job"] = ctx.job.id
+        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32)
+        return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
+                "final_loss": trainer.losses[-1] if trainer.losses else None}

@@ -8,25 +8,10 @@ import torch
 from idlora.models.lora import LoraNetwork, select_targets
 from idlora.models.meta_lora import MetaLoraNetwork
 from idlora.training.lora_trainer import TrainingInputError, prepare_data
-from idlora.training.meta_lora import (CropData, IdentitySet, MetaDownError, MetaLoraPersonalizer, MetaLoraStage1,
-                                       MetaStage1Config, MetaStage2Config, identity_prompts, load_meta_down,
-                                       save_meta_down)
+from idlora.training.meta_lora import (IdentitySet, MetaDownError, MetaLoraPersonalizer, MetaLoraStage1,
+                                       MetaStage2Config, load_meta_down, save_meta_down)
+from meta_lora_util import N_IDS, crops as _crops, identity_set, stage1_cfg
 from tiny_torch import TinyDiffusion, images
-
-N_IDS, PER_ID = 5, 3
-
-
-def identity_set(model, n_ids=N_IDS, per_id=PER_ID) -> IdentitySet:
-    imgs = torch.cat([images(per_id, seed=10 + i) * 0.5 + 0.5 * (i / n_ids) for i in range(n_ids)])
-    data = prepare_data(model, imgs, identity_prompts("person", n_ids * per_id))
-    owner = torch.arange(n_ids).repeat_interleave(per_id)
-    return IdentitySet([f"id{i}" for i in range(n_ids)], data.latents, data.cond, owner)
-
-
-def stage1_cfg(**kw) -> MetaStage1Config:
-    return MetaStage1Config(**{"steps": 30, "learning_rate": 3e-3, "r1": 8, "rank": 2, "batch_size": 2,
-                               "identities_per_bucket": 2, "bucket_steps": 5, "targets": "attn", "seed": 1, **kw})
-
 
 def test_three_factor_forward_equals_its_collapsed_lora():
     torch.manual_seed(0)
@@ -142,11 +127,6 @@ def _meta_down_file(tmp_path, model, **kw):
     path = tmp_path / "md.safetensors"
     save_meta_down(path, trainer.network, trainer.meta_down_metadata("md"))
     return path, trainer
-
-
-def _crops(model, n=3):
-    data = [prepare_data(model, images(1, size=16 + 8 * i, seed=i), "a photo of sks person") for i in range(n)]
-    return CropData([d.latents for d in data], [d.cond for d in data])
 
 
 def test_stage2_trains_only_mid_and_up_and_collapses_to_a_kohya_lora(tmp_path):

@@ -64,8 +64,10 @@ def atomic_path(path) -> Iterator[str]:
     directory = os.path.dirname(final)
     os.makedirs(directory, exist_ok=True)
     tmp = _create_temp(directory, os.path.basename(final))
+    mode = os.stat(tmp).st_mode & 0o777  # 0o666 minus the umask
     try:
         yield tmp
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file owner-only
         _fsync_path(tmp)
         os.replace(tmp, final)
     except BaseException:

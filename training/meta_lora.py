@@ -326,9 +326,10 @@ class MetaLoraStage1(LoraTrainer):
         loss.backward()
         if not warm:
             self.all_reduce_shared()
-        params = self.network.identity_parameters() + ([] if warm else self.network.shared_parameters())
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.cfg.max_grad_norm:  # separately: the shared gradient is equal on every rank and must stay so
+            torch.nn.utils.clip_grad_norm_(self.network.identity_parameters(), self.cfg.max_grad_norm)
+            if not warm:
+                torch.nn.utils.clip_grad_norm_(self.network.shared_parameters(), self.cfg.max_grad_norm)
         self.id_optimizer.step()
         if not warm:
             self.optimizer.step()

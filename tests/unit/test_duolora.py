@@ -1,0 +1,184 @@
+"""DuoLoRA / ZipLoRA / naive merging on a tiny pure-torch model: mask algebra, exact export, the cycle loss of
+identical LoRAs, the layer-prior hinge, unequal ranks and peft files, and clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from idlora.models.lora import LoraNetwork, select_targets
+from idlora.models.merge import MergeNetwork
+from idlora.training.duolora import (CONTENT, STYLE, LoraMerger, MergeConfig, MergeData, check_prompts, combine,
+                                     layer_prior_loss, resolve_pair)
+from idlora.training.lora_format import LoraBundle, LoraWeight, load_lora, save_lora
+from idlora.training.lora_trainer import LoraTrainConfig, LoraTrainer, TrainingInputError, prepare_data
+from tiny_torch import TinyDiffusion, images
+
+
+def trained(model, seed: int, rank: int = 4, targets: str = "attn") -> dict:
+    data = prepare_data(model, images(1, seed=seed), f"a photo {seed}")
+    bundle = LoraTrainer(model, data, LoraTrainConfig(steps=3, learning_rate=5e-2, rank=rank, seed=seed,
+                                                      targets=targets)).run()
+    return {n: (w.down, w.up, w.alpha) for n, w in bundle.weights.items()}
+
+
+def merge_data(model) -> MergeData:
+    c = prepare_data(model, images(2, seed=1), "a v1 object in s1 style")
+    s = prepare_data(model, images(1, seed=2), "a v2 object in s2 style")
+    cs = model.encode_prompts(["a v1 object in s2 style"], 32, 32)
+    return MergeData(c.latents, s.latents, {k: v[:1] for k, v in c.cond.items()}, s.cond, cs)
+
+
+def forward(model, net, x, sigma, cond):
+    with torch.no_grad(), net.attached():
+        return model.net_forward(x, sigma, cond)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = TinyDiffusion(seed=0)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    return model, trained(model, 1, rank=4, targets="attn_ff"), trained(model, 2, rank=8, targets="attn"), x
+
+
+def _modules(model):
+    return dict(model.denoiser.named_modules())
+
+
+def test_ziprank_with_all_masks_one_equals_the_naive_sum_and_the_two_loras(setup):
+    model, content, style, x = setup
+    sigma, cond = model.sigmas[200].reshape(1), {"context": torch.randn(1, 8, 16)}
+    zr, nv = (MergeNetwork(_modules(model), content, style, m) for m in ("ziprank", "naive"))
+    both = [LoraNetwork({n: _modules(model)[n] for n in w}, rank=r) for w, r in ((content, 4), (style, 8))]
+    for net, w in zip(both, (content, style)):
+        for n, layer in net.items():
+            layer.set_weights(*w[n])
+    with torch.no_grad(), both[0].attached(), both[1].attached():
+        reference = model.net_forward(x, sigma, cond)
+    a, b = forward(model, zr, x, sigma, cond), forward(model, nv, x, sigma, cond)
+    assert (a - model.net_forward(x, sigma, cond)).abs().max() > 1e-3
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ziprank", "ziplora", "naive"])
+def test_export_is_exact_and_prunes_zero_rank_components(setup, method):
+    model, content, style, x = setup
+    sigma, cond = model.sigmas[300].reshape(1), {"context": torch.randn(1, 8, 16)}
+    net = MergeNetwork(_modules(model), content, style, method)
+    g = torch.Generator().manual_seed(5)
+    masks = {}
+    for n, layer in net.items():
+        mc, ms = torch.rand(layer.m_c.shape, generator=g), torch.rand(layer.m_s.shape, generator=g)
+        if method == "ziprank":
+            mc[0] = 0.0  # pruned on export
+        masks[n] = (mc, ms)
+    net.set_masks(masks)
+    merged = forward(model, net, x, sigma, cond)
+    exported = net.export()
+    lora = LoraNetwork({n: _modules(model)[n] for n in exported}, rank=1)
+    for n, layer in lora.items():
+        d, u, a = exported[n]
+        layer.rank = d.shape[0]
+        layer.down, layer.up = torch.nn.Parameter(d), torch.nn.Parameter(u)
+        layer.alpha = a
+    assert torch.allclose(forward(model, lora, x, sigma, cond), merged, atol=1e-5)
+    name = next(iter(exported))
+    r_c = content[name][0].shape[0] if name in content else 1
+    r_s = style[name][0].shape[0] if name in style else 1
+    assert exported[name][0].shape[0] == r_c + r_s - (1 if method == "ziprank" else 0)
+
+
+def test_identical_loras_give_zero_cycle_loss():
+    model = TinyDiffusion(seed=0)
+    lora = trained(model, 1)
+    data = merge_data(model)
+    data = MergeData(data.content, data.style, data.cond_c, data.cond_c, data.cond_c)  # one prompt for all
+    merger = LoraMerger(model, data, MergeConfig(steps=1, method="duolora"), lora, lora)
+    merger.network.set_masks({n: (torch.full_like(l.m_c, 0.5), torch.full_like(l.m_s, 0.5))
+                              for n, l in merger.network.items()})  # 0.5 L + 0.5 L = L
+    with merger.session():
+        merger.sample_batch()
+        d = merger.draws[0]
+        cycle = merger.cycle_loss(d, model.prediction_type)
+        off = {n: (torch.full_like(l.m_c, 0.9), torch.full_like(l.m_s, 0.9)) for n, l in merger.network.items()}
+        merger.network.set_masks(off)
+        cycle_off = merger.cycle_loss(d, model.prediction_type)
+    assert float(cycle.detach()) < 1e-10 and float(cycle_off.detach()) > 1e-6
+
+
+def test_layer_prior_pushes_masks_as_the_hinge_says(setup):
+    model, content, style, _ = setup
+    net = MergeNetwork(_modules(model), content, style, "ziprank")
+    names = net.names
+    kinds = {names[0]: (CONTENT, (2, 2)), names[1]: (STYLE, (8, 8))}
+    c0, c1 = net.layers[names[0].replace(".", "__")], net.layers[names[1].replace(".", "__")]
+    with torch.no_grad():
+        c0.m_c.fill_(0.1), c0.m_s.fill_(1.0)      # content layer, style mask larger: hinge active
+        c1.m_c.fill_(0.1), c1.m_s.fill_(1.0)      # style layer, style mask dominant: hinge inactive
+    loss = layer_prior_loss(net, kinds, hinge=2.0)
+    loss.backward()
+    assert (c0.m_c.grad < 0).all() and (c0.m_s.grad > 0).all()  # grow the content mask, shrink the style one
+    assert (c1.m_s.grad > 0).all() and (c1.m_c.grad == 0).all()  # only the L1 pull on the dominant (style) mask
+    assert all(p.grad is None or (p.grad == 0).all() for n, l in net.items() if n not in names[:2]
+               for p in (l.m_c, l.m_s))
+
+
+@pytest.mark.parametrize("method", ["duolora", "ziprank", "ziplora", "naive"])
+def test_merge_runs_with_unequal_ranks_and_masks_learn(setup, method):
+    model, content, style, _ = setup
+    merger = LoraMerger(model, merge_data(model), MergeConfig(steps=4, method=method, cycle_every=2), content, style,
+                        {n: (CONTENT if i % 2 else STYLE, None) for i, n in enumerate(sorted({**content, **style}))})
+    before = {n: (l.m_c.detach().clone(), l.m_s.detach().clone()) for n, l in merger.network.items()}
+    bundle = merger.run()
+    changed = any(not torch.equal(before[n][0], l.m_c) for n, l in merger.network.items())
+    assert changed == (method != "naive")
+    assert bundle.metadata["idlora_method"] == f"merge_{method}"
+    if method == "duolora":
+        assert {"recon", "cycle", "prior"} <= set(merger.parts) or {"recon", "prior"} <= set(merger.parts)
+
+
+def test_peft_and_kohya_files_merge(tmp_path, setup):
+    model, content, style, _ = setup
+    shapes = {n: tuple(m.weight.shape) for n, m in _modules(model).items() if hasattr(m, "weight") and m.weight is not None
+              and m.weight.ndim >= 2}
+    save_file({f"base_model.model.{n}.lora_A.weight": d.contiguous() for n, (d, u, a) in style.items()} |
+              {f"base_model.model.{n}.lora_B.weight": u.contiguous() for n, (d, u, a) in style.items()},
+              str(tmp_path / "peft.safetensors"))
+    save_lora(tmp_path / "kohya.safetensors", {n: LoraWeight(d, u, a) for n, (d, u, a) in content.items()}, {})
+    c, s = resolve_pair(load_lora(tmp_path / "kohya.safetensors"), load_lora(tmp_path / "peft.safetensors"), shapes)
+    assert set(c) == set(content) and set(s) == set(style)
+    assert torch.allclose(s[next(iter(s))][1], style[next(iter(s))][1])
+
+
+def test_bad_inputs_are_named(setup):
+    model, content, style, _ = setup
+    shapes = {n: tuple(m.weight.shape) for n, m in _modules(model).items() if hasattr(m, "weight") and m.weight is not None
+              and m.weight.ndim >= 2}
+    a = LoraBundle({n: LoraWeight(*w) for n, w in content.items()}, {"idlora_base_model": "sd15"}, "module")
+    b = LoraBundle({n: LoraWeight(*w) for n, w in style.items()}, {"idlora_base_model": "sdxl"}, "module")
+    with pytest.raises(TrainingInputError, match=r"content LoRA is for base model 'sd15' and the style LoRA for 'sdxl'"):
+        resolve_pair(a, b, shapes)
+    alien = LoraBundle({"lora_unet_nothing_here": LoraWeight(torch.zeros(2, 3), torch.zeros(3, 2), 2.0)}, {}, "kohya")
+    with pytest.raises(TrainingInputError, match=r"style LoRA does not fit this model"):
+        resolve_pair(a, alien, shapes)
+    with pytest.raises(TrainingInputError, match=r"mixed_prompt is empty"):
+        check_prompts(content_prompt="a v1", style_prompt="a v2", mixed_prompt=" ")
+
+
+def test_multi_concept_combine_is_the_average(setup):
+    model, content, style, x = setup
+    sigma, cond = model.sigmas[200].reshape(1), {"context": torch.randn(1, 8, 16)}
+    b1 = LoraBundle({n: LoraWeight(*w) for n, w in content.items()}, {}, "module")
+    b2 = LoraBundle({n: LoraWeight(*w) for n, w in style.items()}, {}, "module")
+    merged = combine([b1, b2])
+    nets = []
+    for w, src in ((merged.weights, None), (b1.weights, 0.5), (b2.weights, 0.5)):
+        net = LoraNetwork({n: _modules(model)[n] for n in w}, rank=1)
+        for n, layer in net.items():
+            layer.rank, layer.down, layer.up = w[n].rank, torch.nn.Parameter(w[n].down), torch.nn.Parameter(w[n].up)
+            layer.alpha = w[n].alpha * (src or 1.0)
+        nets.append(net)
+    with torch.no_grad(), nets[1].attached():
+        both_halves = forward(model, nets[2], x, sigma, cond)
+    assert torch.allclose(forward(model, nets[0], x, sigma, cond), both_halves, atol=1e-5)
+    assert not torch.allclose(both_halves, model.net_forward(x, sigma, cond), atol=1e-4)

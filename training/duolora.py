@@ -1,0 +1,378 @@
+"""DuoLoRA (Roy et al., 2025): merging a content LoRA and a style LoRA with masks in the rank dimension (ZipRank),
+layer priors and the Constyle cycle loss; ZipLoRA and the naive blend as baselines (models/merge.py).
+
+The merge trains only masks, on cached inputs: one or more content images with the content prompt p_c
+("a <V1> object in <S1> style"), the style image with p_s ("a <V2> object in <S2> style"), and the mixed prompt
+p_cs ("a <V1> object in <S2> style"). Per step, for a cached draw (image, timestep, noise):
+
+- reconstruction: ||(D+L_m)(x_c, p_c) - (D+L_c)(x_c, p_c)||^2 + ||(D+L_m)(x_s, p_s) - (D+L_s)(x_s, p_s)||^2. The
+  single-LoRA targets are computed once per draw, without gradients, and cached.
+- Constyle cycles (Sec. 3.4): I_cs = x0 of (D+L_m)(noisy I_c, p_cs), re-noised and denoised with p_c: I_csc, against
+  I_cc, the content LoRA alone through the same two passes with p_c: MSE(I_cc, I_csc); and the same from the style
+  image: MSE(I_ss, I_scs). (So identical content and style LoRAs, prompts and a merge equal to either LoRA give a
+  cycle loss of exactly zero: only what the cycle adds and removes is measured.) The
+  first, translating pass runs without gradients (as a CycleGAN generator's output is data for its reconstruction
+  step here), which halves the cycle's cost; the gradient flows through the reconstructing pass.
+- layer priors (Algorithm 1): on content-dominant layers ||m_c||_1 + h * max(0, ||m_s||_* - ||m_c||_*), on
+  style-dominant ones the same with c and s swapped. For a diagonal mask the nuclear norm is the sum of the
+  absolute diagonal entries, i.e. the L1 norm of the mask vector.
+- L = L_recon + lambda_cycle * L_cycle + lambda_layer_prior * L_prior. (The paper's equation puts lambda_cycle on
+  the whole Constyle loss, reconstruction included; its text says lambda_cycle weighs the cycle terms. IDLoRA
+  follows the text: with the paper's lambda_cycle = 0.01 on everything, the reconstruction that defines the merge
+  would weigh a tenth of the prior's L1 pull towards zero.)
+- ZipLoRA: L_recon + lambda_zip * sum over layers of |m_c . m_s| (its orthogonality term).
+
+Layers are classified by the resolution of their feature map, measured with forward hooks: content-dominant when
+it is at most a quarter of the latent's side (32 px of a 1024 px SDXL image: down_blocks.2, mid_block, up_blocks.0,
+the paper's mapping), style-dominant otherwise (64 px: down_blocks.1, up_blocks.1).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.merge import MergeNetwork
+from .diffusion import Cond, DiffusionModel, add_noise, to_x0
+from .lora_format import LoraBundle, LoraWeight
+from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainingInputError
+
+MERGE_METHODS = ("duolora", "ziprank", "ziplora", "naive")
+CONTENT, STYLE, OTHER = "content", "style", "other"
+
+
+@dataclass
+class MergeConfig(LoraTrainConfig):
+    """Defaults from DuoLoRA Sec. 4: Adam, lr 0.01, 100 steps, lambda_cycle 0.01, lambda_layer_prior 0.1."""
+    method: str = "duolora"
+    steps: int = 100
+    learning_rate: float = 0.01
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    lambda_cycle: float = 0.01
+    lambda_layer_prior: float = 0.1
+    prior_hinge: float = 1.0          # h in Algorithm 1 (the Lagrange weight of the rank constraint)
+    t_content: float = 0.75           # prior-informed init (Table 7): share of ones in the dominant concept's mask
+    t_style: float = 0.5              # ... and in the other concept's mask
+    cycle_every: int = 1              # the cycle terms every k steps
+    lambda_ziplora: float = 0.01      # ZipLoRA's mask-orthogonality weight
+    naive_weights: tuple[float, float] = (1.0, 1.0)
+    cached_draws: int = 8             # (image, timestep, noise) draws whose single-LoRA targets are cached
+    prune_below: float = 0.0          # export: drop rank components with |mask| <= this (0: exact zeros only)
+
+    def validate(self) -> "MergeConfig":
+        if self.method not in MERGE_METHODS:
+            raise TrainingInputError(f"method = {self.method!r} is invalid: use one of {MERGE_METHODS}")
+        if self.method == "naive":
+            self.steps = max(self.steps, 1)
+        super().validate()
+        for name, ok, fix in (
+                ("lambda_cycle", self.lambda_cycle >= 0, "use a number >= 0 (the paper: 0.01)"),
+                ("lambda_layer_prior", self.lambda_layer_prior >= 0, "use a number >= 0 (the paper: 0.1)"),
+                ("prior_hinge", self.prior_hinge >= 0, "use a number >= 0"),
+                ("t_content", 0 <= self.t_content <= 1, "use a fraction 0..1 (Table 7: 0.75)"),
+                ("t_style", 0 <= self.t_style <= 1, "use a fraction 0..1 (Table 7: 0.5)"),
+                ("cycle_every", isinstance(self.cycle_every, int) and self.cycle_every >= 1, "use a whole number >= 1"),
+                ("cached_draws", isinstance(self.cached_draws, int) and self.cached_draws >= 1, "use a whole number >= 1"),
+                ("prune_below", self.prune_below >= 0, "use 0 (exact export) or a small positive threshold")):
+            if not ok:
+                raise TrainingInputError(f"{name} = {getattr(self, name)!r} is invalid: {fix}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MergeConfig":
+        d = dict(d)
+        if "naive_weights" in d:
+            d["naive_weights"] = tuple(d["naive_weights"])
+        return super().from_dict(d)
+
+
+@dataclass
+class MergeData:
+    """Encoded once: content latents (N, C, h, w), one style latent (1, C, h, w), and the three prompts' rows."""
+    content: torch.Tensor
+    style: torch.Tensor
+    cond_c: Cond
+    cond_s: Cond
+    cond_cs: Cond
+
+    @property
+    def device(self) -> torch.device:
+        return self.content.device
+
+    def to(self, device) -> "MergeData":
+        mv = lambda c: {k: v.to(device) for k, v in c.items()}  # noqa: E731
+        return MergeData(self.content.to(device), self.style.to(device), mv(self.cond_c), mv(self.cond_s),
+                         mv(self.cond_cs))
+
+
+# -- layer priors ------------------------------------------------------------------------------------
+
+def classify_layers(denoiser: nn.Module, names: list[str], run_forward, latent_hw: tuple[int, int]) -> dict:
+    """{name: (content | style | other, (h, w))} from the feature-map size each layer works at.
+
+    ``run_forward()`` runs the denoiser once on latents of ``latent_hw``. A layer's size is that of the 4-D input
+    of the closest module containing it (its SpatialTransformer, or the layer itself for a Conv2d)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    handles = []
+    for n, m in denoiser.named_modules():
+        def pre(module, args, n=n):
+            if args and torch.is_tensor(args[0]) and args[0].ndim == 4:
+                sizes[n] = tuple(args[0].shape[-2:])
+        handles.append(m.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        hw = next((sizes[".".join(parts[:i])] for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in sizes), None)
+        if hw is None:
+            out[name] = (OTHER, None)
+        else:
+            out[name] = (CONTENT if hw[0] * 4 <= latent_hw[0] else STYLE, hw)
+    return out
+
+
+def prior_masks(rank_c: int, rank_s: int, kind: str, t_content: float, t_style: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior-informed initial rank masks: in a content-dominant layer a share t_content of m_c's entries and t_style
+    of m_s's are 1 (chosen by the order of a random vector), the rest 0; reversed in style-dominant layers; all ones
+    elsewhere. (The paper gives the thresholds, Table 7, and leaves the exact procedure to its supplement.)"""
+    if kind == OTHER:
+        return torch.ones(rank_c), torch.ones(rank_s)
+    share_c, share_s = (t_content, t_style) if kind == CONTENT else (t_style, t_content)
+
+    def mask(r: int, share: float) -> torch.Tensor:
+        m = torch.zeros(r)
+        m[torch.randperm(r, generator=generator)[:max(0, round(share * r))]] = 1.0
+        return m
+    return mask(rank_c, share_c), mask(rank_s, share_s)
+
+
+def layer_prior_loss(network: MergeNetwork, kinds: dict, hinge: float) -> torch.Tensor:
+    """Algorithm 1 summed over layers. ||m||_* of a diagonal mask = sum |m_i| (its singular values)."""
+    total = 0.0
+    for name, layer in network.items():
+        kind = kinds.get(name, (OTHER, None))[0]
+        if kind == OTHER:
+            continue
+        dom, other = (layer.m_c, layer.m_s) if kind == CONTENT else (layer.m_s, layer.m_c)
+        nuc_dom, nuc_other = dom.abs().sum(), other.abs().sum()
+        total = total + nuc_dom + hinge * F.relu(nuc_other - nuc_dom)
+    return torch.as_tensor(total)
+
+
+def ziplora_orthogonality(network: MergeNetwork) -> torch.Tensor:
+    return sum((layer.m_c * layer.m_s).sum().abs() for _, layer in network.items())
+
+
+# -- the merger ----------------------------------------------------------------------------------------
+
+class LoraMerger(LoraTrainer):
+    """Trains the merge masks (LoraTrainer's loop, checkpoints and jobs; the network is a MergeNetwork)."""
+
+    method = "duolora"
+
+    def __init__(self, model: DiffusionModel, data: MergeData, config: MergeConfig, content: dict, style: dict,
+                 layer_kinds: dict | None = None):
+        self.content_w, self.style_w = content, style
+        self.layer_kinds = layer_kinds or {}
+        super().__init__(model, data, config)
+        self.method = config.method
+        self.draws: list[dict] | None = None
+        if config.method == "duolora":
+            g = torch.Generator().manual_seed(config.seed)
+            self.network.set_masks({n: prior_masks(l.m_c.numel(), l.m_s.numel(), self.layer_kinds.get(n, (OTHER,))[0],
+                                                   config.t_content, config.t_style, g)
+                                    for n, l in self.network.items()})
+        elif config.method == "naive":
+            self.network.set_masks({n: (torch.full((1,), config.naive_weights[0]),
+                                        torch.full((1,), config.naive_weights[1])) for n in self.network.names})
+
+    def build_network(self, targets) -> MergeNetwork:
+        modules = dict(self.model.denoiser.named_modules())
+        missing = [n for n in {**self.content_w, **self.style_w} if n not in modules]
+        if missing:
+            raise TrainingInputError(f"{len(missing)} LoRA layers are not in this model (e.g. {missing[0]})")
+        kind = "ziprank" if self.cfg.method in ("duolora", "ziprank") else self.cfg.method
+        return MergeNetwork(modules, self.content_w, self.style_w, kind)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.network.mask_parameters()  # the naive blend's weights are never stepped (train_step)
+
+    def alphas(self) -> dict[str, float]:
+        return {}
+
+    # -- cached single-LoRA targets -----------------------------------------------------------------
+    @torch.no_grad()
+    def _single(self, which: str, x_t, sigma, cond) -> torch.Tensor:
+        saved = {n: (l.m_c.detach().clone(), l.m_s.detach().clone()) for n, l in self.network.items()}
+        one = lambda l, on: torch.full_like(l.m_c if on else l.m_s, 1.0)  # noqa: E731
+        self.network.set_masks({n: (one(l, True) * (which == "c"), one(l, False) * (which == "s"))
+                                for n, l in self.network.items()})
+        try:
+            return self.model.net_forward(x_t, sigma, cond).float()
+        finally:
+            self.network.set_masks(saved)
+
+    def build_draws(self) -> None:
+        g = torch.Generator().manual_seed(self.cfg.seed + 101)
+        self.draws = []
+        for _ in range(self.cfg.cached_draws):
+            i = int(torch.randint(0, len(self.data.content), (1,), generator=g))
+            xc, xs = self.data.content[i:i + 1], self.data.style[:1]
+            t = torch.randint(*self.t_range, (2,), generator=g)
+            sc, ss = (self.model.sigmas[t[k]].reshape(1).to(xc.device) for k in range(2))
+            nc, ns = (torch.randn(x.shape, generator=g).to(x.device) for x in (xc, xs))
+            xc_t, xs_t = add_noise(xc, nc, sc), add_noise(xs, ns, ss)
+            out_c = self._single("c", xc_t, sc, self.data.cond_c)
+            out_s = self._single("s", xs_t, ss, self.data.cond_s)
+            self.draws.append(dict(xc=xc, xs=xs, nc=nc, ns=ns, sc=sc, ss=ss, xc_t=xc_t, xs_t=xs_t, out_c=out_c,
+                                   out_s=out_s, i_cc=self._two_pass("c", out_c, xc_t, nc, sc, self.data.cond_c),
+                                   i_ss=self._two_pass("s", out_s, xs_t, ns, ss, self.data.cond_s)))
+
+    def _two_pass(self, which: str, out, x_t, noise, sigma, cond) -> torch.Tensor:
+        """The single LoRA's x0 after the same two denoising passes as the cycle (so that only what the cycle
+        adds and removes differs): denoise, re-noise with the same noise, denoise again."""
+        pt = self.model.prediction_type
+        again = add_noise(to_x0(pt, out, x_t, sigma), noise, sigma)
+        return to_x0(pt, self._single(which, again, sigma, cond), again, sigma)
+
+    # -- the objective -----------------------------------------------------------------------------------
+    def sample_batch(self):
+        if self.draws is None:
+            self.build_draws()
+        d = self.draws[self.step % len(self.draws)]
+        return d["xc"], self.data.cond_c, d["nc"], d["sc"]
+
+    def loss(self, x0, cond, noise, sigma) -> torch.Tensor:
+        d, pt = self.draws[self.step % len(self.draws)], self.model.prediction_type
+        self.parts = {}
+        pred_c = self.model.net_forward(d["xc_t"], d["sc"], self.data.cond_c).float()
+        pred_s = self.model.net_forward(d["xs_t"], d["ss"], self.data.cond_s).float()
+        loss = F.mse_loss(pred_c, d["out_c"]) + F.mse_loss(pred_s, d["out_s"])
+        self.parts["recon"] = float(loss.detach())
+        if self.cfg.method == "ziplora":
+            ortho = ziplora_orthogonality(self.network)
+            self.parts["ortho"] = float(ortho.detach())
+            return loss + self.cfg.lambda_ziplora * ortho
+        if self.cfg.method != "duolora":
+            return loss
+        if self.cfg.lambda_cycle and self.step % self.cfg.cycle_every == 0:
+            cyc = self.cycle_loss(d, pt)
+            self.parts["cycle"] = float(cyc.detach())
+            loss = loss + self.cfg.lambda_cycle * cyc
+        if self.cfg.lambda_layer_prior:
+            prior = layer_prior_loss(self.network, self.layer_kinds, self.cfg.prior_hinge)
+            self.parts["prior"] = float(prior.detach())
+            loss = loss + self.cfg.lambda_layer_prior * prior
+        return loss
+
+    def cycle_loss(self, d: dict, pt: str) -> torch.Tensor:
+        with torch.no_grad():  # translate: add the other concept with the mixed prompt
+            i_cs = to_x0(pt, self.model.net_forward(d["xc_t"], d["sc"], self.data.cond_cs).float(), d["xc_t"], d["sc"])
+            i_sc = to_x0(pt, self.model.net_forward(d["xs_t"], d["ss"], self.data.cond_cs).float(), d["xs_t"], d["ss"])
+        cs_t, sc_t = add_noise(i_cs, d["nc"], d["sc"]), add_noise(i_sc, d["ns"], d["ss"])
+        i_csc = to_x0(pt, self.model.net_forward(cs_t, d["sc"], self.data.cond_c).float(), cs_t, d["sc"])
+        i_scs = to_x0(pt, self.model.net_forward(sc_t, d["ss"], self.data.cond_s).float(), sc_t, d["ss"])
+        return F.mse_loss(i_csc, d["i_cc"]) + F.mse_loss(i_scs, d["i_ss"])
+
+    def train_step(self) -> float:
+        if self.cfg.method == "naive":  # nothing to learn: a scalar blend
+            self.step += 1
+            self.losses.append(0.0)
+            return 0.0
+        return super().train_step()
+
+    # -- output ----------------------------------------------------------------------------------------
+    def masks(self) -> dict[str, dict[str, list[float]]]:
+        return {n: {"c": l.m_c.detach().cpu().tolist(), "s": l.m_s.detach().cpu().tolist()}
+                for n, l in self.network.items()}
+
+    def metadata(self) -> dict[str, str]:
+        meta = super().metadata()
+        kinds = {n: k for n, (k, _) in self.layer_kinds.items()}
+        masks = self.masks() if self.cfg.method != "ziplora" else {
+            n: {"c_mean": sum(m["c"]) / len(m["c"]), "s_mean": sum(m["s"]) / len(m["s"])}
+            for n, m in self.masks().items()}  # output-dimension masks are too long for metadata
+        meta.update(idlora_method=f"merge_{self.cfg.method}", idlora_masks=json.dumps(masks),
+                    idlora_layer_kinds=json.dumps(kinds), idlora_config=json.dumps(asdict(self.cfg)),
+                    idlora_ranks=json.dumps({"content": _rank(self.content_w), "style": _rank(self.style_w)}))
+        return meta
+
+    def bundle(self) -> LoraBundle:
+        if self.cfg.prune_below > 0:
+            with torch.no_grad():
+                for _, l in self.network.items():
+                    for m in (l.m_c, l.m_s):
+                        m[m.abs() <= self.cfg.prune_below] = 0.0
+        weights = {n: LoraWeight(d, u, a) for n, (d, u, a) in self.network.export().items()}
+        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+
+
+def base_model_of(bundle: LoraBundle) -> str | None:
+    return bundle.metadata.get("idlora_base_model") or bundle.metadata.get("ss_base_model_version") or None
+
+
+def resolve_pair(content: LoraBundle, style: LoraBundle, shapes: dict[str, tuple], key_map: dict | None = None
+                 ) -> tuple[dict, dict]:
+    """Both LoRAs as {module name: (down, up, alpha)} on this model; TrainingInputError naming what is wrong."""
+    from .lora_format import resolve
+    bc, bs = base_model_of(content), base_model_of(style)
+    if bc and bs and bc != bs:
+        raise TrainingInputError(f"the content LoRA is for base model {bc!r} and the style LoRA for {bs!r}: merge two "
+                                 f"LoRAs of the same base model")
+    out = []
+    for tag, bundle in (("content", content), ("style", style)):
+        weights, report = resolve(bundle, shapes, key_map)
+        if report.matched == 0 or report.shape_mismatch:
+            raise TrainingInputError(f"the {tag} LoRA does not fit this model ({report.summary()}): it was made for "
+                                     f"another base model ({base_model_of(bundle) or 'unknown'}); use a LoRA of this "
+                                     f"checkpoint")
+        out.append({n: (w.down, w.up, w.alpha) for n, w in weights.items()})
+    return out[0], out[1]
+
+
+def check_prompts(**prompts: str) -> None:
+    empty = [k for k, v in prompts.items() if not (v or "").strip()]
+    if empty:
+        raise TrainingInputError(f"{', '.join(empty)} is empty: DuoLoRA needs the content prompt ('a <V1> object in "
+                                 f"<S1> style'), the style prompt ('a <V2> object in <S2> style') and the mixed prompt "
+                                 f"('a <V1> object in <S2> style')")
+
+
+def _rank(weights: dict) -> int:
+    return max((w[0].shape[0] for w in weights.values()), default=0)
+
+
+def combine(bundles: list[LoraBundle], weights: list[float] | None = None) -> LoraBundle:
+    """Multi-concept (Sec. 3.5): sum_i alpha_i <C_i, S>, alpha_i = 1/n by default; exact (ranks concatenated)."""
+    if not bundles:
+        raise TrainingInputError("no merged LoRAs to combine: connect at least one")
+    alphas = weights or [1.0 / len(bundles)] * len(bundles)
+    out: dict[str, LoraWeight] = {}
+    for b, a in zip(bundles, alphas):
+        for name, w in b.weights.items():
+            scale = (w.alpha if w.alpha is not None else w.rank) / w.rank
+            down, up = w.down * scale, w.up * a
+            if name in out:
+                prev = out[name]
+                down, up = torch.cat([prev.down, down]), torch.cat([prev.up, up], dim=1)
+            out[name] = LoraWeight(down, up, float(down.shape[0]))
+    meta = dict(bundles[0].metadata, idlora_method="merge_multi_concept",
+                idlora_multi_concept=json.dumps({"n": len(bundles), "alphas": alphas}))
+    return LoraBundle(weights=out, metadata=meta, key_style="module")
+
+
+def param_counts(shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, int]:
+    """Learnable numbers of each merge method for layers {name: (d_out, d_in)} and two rank-``rank`` LoRAs."""
+    n = len(shapes)
+    return {"ziprank": 2 * rank * n, "ziplora": 2 * sum(o for o, _ in shapes.values()), "naive": 0}
+

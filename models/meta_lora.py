@@ -107,6 +107,8 @@ class MetaLoraNetwork(nn.Module):
             slots = slots.expand(x.shape[0]) if slots.numel() == 1 else slots
             if slots.numel() != x.shape[0]:
                 raise RuntimeError(f"Meta-LoRA has slots for {slots.numel()} samples, the batch has {x.shape[0]}")
+        if self.n_slots == 1:  # one identity (stage 2): fold Mid into Meta-Down, a rank-r2 branch like LoRA's
+            return self._folded(k, x)
         mid, up = self.mid[k][slots], self.up[k][slots]  # (B, r2, r1), (B, out, r2)
         if k in self.conv_args:
             h = F.conv2d(x, self.meta_down[k], **self.conv_args[k])           # (B, r1, H, W)
@@ -116,6 +118,16 @@ class MetaLoraNetwork(nn.Module):
         flat = h.reshape(h.shape[0], -1, h.shape[-1])
         out = torch.bmm(torch.bmm(flat, mid.transpose(1, 2)), up.transpose(1, 2))
         return out.reshape(*h.shape[:-1], out.shape[-1])
+
+    def _folded(self, k: str, x: torch.Tensor) -> torch.Tensor:
+        """mid @ meta_down first (r2 x r1 x d_in numbers, negligible), then x through that rank-r2 down: a stage-2
+        step then costs what a LoRA step costs instead of sending every token through r1 dimensions."""
+        down = self.meta_down[k]
+        eff = (self.mid[k][0] @ down.flatten(1)).reshape(self.r2, *down.shape[1:])
+        up = self.up[k][0]
+        if k in self.conv_args:
+            return F.conv2d(F.conv2d(x, eff, **self.conv_args), up[:, :, None, None])
+        return F.linear(F.linear(x, eff), up)
 
     def attach(self) -> "MetaLoraNetwork":
         if not self._handles:

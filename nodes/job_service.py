@@ -18,6 +18,7 @@ import threading
 import comfy.model_management
 import folder_paths
 
+from ..training.duolora_job import MergeTask
 from ..training.idstyle import IdentityStyleTask, Resources
 from ..training.jobs import JobManager
 from ..training.lora_job import LoraJobTask
@@ -69,6 +70,7 @@ def manager() -> JobManager:
                               lambda cfg, d: MetaStage1Task.from_config(cfg, d, load_private_model))
             _manager.register("meta_lora_personalize",
                               lambda cfg, d: MetaPersonalizeTask.from_config(cfg, d, load_private_model))
+            _manager.register("duolora", lambda cfg, d: MergeTask.from_config(cfg, d, load_private_model))
             _manager.register("idstyle", lambda cfg, d: IdentityStyleTask.from_config(cfg, d,
                                                                                      load_identity_resources))
             interrupted = [j.id for j in _manager.list() if j.status.state.value == "interrupted"]

@@ -132,7 +132,8 @@ def classify_layers(denoiser: nn.Module, names: list[str], run_forward, latent_h
     out = {}
     for name in names:
         parts = name.split(".")
-        hw = next((sizes[".".join(parts[:i])] for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in sizes), None)
+        hw = next((sizes[".".join(parts[:i])] for i in range(len(parts), -1, -1) if ".".join(parts[:i]) in sizes),
+                  None)  # the closest container with a 4-D input, up to the denoiser itself ("")
         if hw is None:
             out[name] = (OTHER, None)
         else:
@@ -183,8 +184,10 @@ class LoraMerger(LoraTrainer):
     def __init__(self, model: DiffusionModel, data: MergeData, config: MergeConfig, content: dict, style: dict,
                  layer_kinds: dict | None = None):
         self.content_w, self.style_w = content, style
-        self.layer_kinds = layer_kinds or {}
         super().__init__(model, data, config)
+        if layer_kinds is None:  # only DuoLoRA's priors use them
+            layer_kinds = self.measure_layer_kinds() if config.method == "duolora" else {}
+        self.layer_kinds = layer_kinds
         self.method = config.method
         self.draws: list[dict] | None = None
         if config.method == "duolora":
@@ -195,6 +198,13 @@ class LoraMerger(LoraTrainer):
         elif config.method == "naive":
             self.network.set_masks({n: (torch.full((1,), config.naive_weights[0]),
                                         torch.full((1,), config.naive_weights[1])) for n in self.network.names})
+
+    def measure_layer_kinds(self) -> dict:
+        """Content- / style-dominant layers from one forward pass on the first content latent."""
+        x = self.data.content[:1]
+        sigma = self.model.sigmas[len(self.model.sigmas) // 2].reshape(1).to(x.device)
+        return classify_layers(self.model.denoiser, self.network.names,
+                               lambda: self.model.net_forward(x, sigma, self.data.cond_c), tuple(x.shape[-2:]))
 
     def build_network(self, targets) -> MergeNetwork:
         modules = dict(self.model.denoiser.named_modules())
@@ -234,9 +244,14 @@ class LoraMerger(LoraTrainer):
             xc_t, xs_t = add_noise(xc, nc, sc), add_noise(xs, ns, ss)
             out_c = self._single("c", xc_t, sc, self.data.cond_c)
             out_s = self._single("s", xs_t, ss, self.data.cond_s)
-            self.draws.append(dict(xc=xc, xs=xs, nc=nc, ns=ns, sc=sc, ss=ss, xc_t=xc_t, xs_t=xs_t, out_c=out_c,
-                                   out_s=out_s, i_cc=self._two_pass("c", out_c, xc_t, nc, sc, self.data.cond_c),
-                                   i_ss=self._two_pass("s", out_s, xs_t, ns, ss, self.data.cond_s)))
+            draw = dict(xc=xc, xs=xs, nc=nc, ns=ns, sc=sc, ss=ss, xc_t=xc_t, xs_t=xs_t, out_c=out_c, out_s=out_s)
+            if self.uses_cycle():  # the cycle's references: two more passes per draw, only when a cycle runs
+                draw.update(i_cc=self._two_pass("c", out_c, xc_t, nc, sc, self.data.cond_c),
+                            i_ss=self._two_pass("s", out_s, xs_t, ns, ss, self.data.cond_s))
+            self.draws.append(draw)
+
+    def uses_cycle(self) -> bool:
+        return self.cfg.method == "duolora" and self.cfg.lambda_cycle > 0
 
     def _two_pass(self, which: str, out, x_t, noise, sigma, cond) -> torch.Tensor:
         """The single LoRA's x0 after the same two denoising passes as the cycle (so that only what the cycle
@@ -265,8 +280,9 @@ class LoraMerger(LoraTrainer):
             return loss + self.cfg.lambda_ziplora * ortho
         if self.cfg.method != "duolora":
             return loss
-        if self.cfg.lambda_cycle and self.step % self.cfg.cycle_every == 0:
-            cyc = self.cycle_loss(d, pt)
+        if self.uses_cycle() and self.step % self.cfg.cycle_every == 0:
+            # its own walk through the draws, so that cycle_every > 1 still visits every draw
+            cyc = self.cycle_loss(self.draws[(self.step // self.cfg.cycle_every) % len(self.draws)], pt)
             self.parts["cycle"] = float(cyc.detach())
             loss = loss + self.cfg.lambda_cycle * cyc
         if self.cfg.lambda_layer_prior:

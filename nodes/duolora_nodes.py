@@ -1,0 +1,228 @@
+"""DuoLoRA nodes: merge a content and a style LoRA (DuoLoRA, ZipRank, ZipLoRA, naive), combine merged pairs
+(multi-concept), and inspect the learned masks."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..training.duolora import MERGE_METHODS, LoraMerger, MergeConfig, MergeData, check_prompts, combine, resolve_pair
+from ..training.duolora_job import MergeTask
+from ..training.lora_format import LoraBundle, load_lora, sanitize_save_name
+from ..training.lora_trainer import check_images, prepare_data
+from ..training.mask_plot import mask_rank_table, render_mask_ranks
+from . import model_source
+from .comfy_adapter import ComfyDiffusion, diffusers_key_map, module_shapes
+from .job_service import load_private_model, manager
+from .lora_nodes import LORA_SUBDIR, idlora_lora_dir, progress_callback, require_lora, resolve_lora_path
+from .types import JobHandle, LoraHandle
+
+log = logging.getLogger(__name__)
+CATEGORY = "IDLoRA/duolora"
+D = MergeConfig()
+NONE = "none"
+METHOD_TIP = ("duolora: ZipRank rank masks + layer priors (prior-informed init and the rank hinge) + the Constyle "
+              "cycle loss. ziprank: rank masks and reconstruction only. ziplora: the ZipLoRA baseline (output-"
+              "dimension masks, as the papers define them, + its orthogonality term). naive: a scalar blend, no "
+              "training.")
+
+
+def pick(handle, name: str, what: str) -> LoraBundle:
+    if handle is not None:
+        require_lora(handle)
+        return handle
+    if name in (None, "", NONE):
+        raise ValueError(f"no {what} LoRA: connect a LoRA handle to '{what}_lora' or choose a file in "
+                         f"'{what}_lora_name'")
+    return load_lora(resolve_lora_path(name))
+
+
+def _lora_inputs(what: str, trained_on: str) -> list:
+    return [LoraHandle.Input(f"{what}_lora", optional=True,
+                             tooltip=f"The {what} LoRA ({trained_on}), from a training or load node. Any rank, any "
+                                     f"supported key format. Takes precedence over {what}_lora_name."),
+            io.Combo.Input(f"{what}_lora_name", options=[NONE] + folder_paths.get_filename_list("loras"),
+                           default=NONE, optional=True, tooltip=f"Or the {what} LoRA as a file under models/loras.")]
+
+
+class DuoLoRAMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRADuoLoRAMerge",
+            display_name="IDLoRA DuoLoRA Merge",
+            category=CATEGORY,
+            description="Merge a content LoRA and a style LoRA into one standard LoRA by learning masks (DuoLoRA: "
+                        "rank-dimension masks, layer priors, cycle loss; or the ZipLoRA / naive baselines). The "
+                        "masks fold into the factors, so the export is exact.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model both LoRAs were trained on; it is not modified."),
+                io.Clip.Input("clip", tooltip="Encodes the three prompts once."),
+                io.Vae.Input("vae", tooltip="Encodes the images once."),
+                *_lora_inputs("content", "trained on the subject"), *_lora_inputs("style", "trained on the style"),
+                io.Image.Input("content_images", tooltip="Images of the subject (what the content LoRA learned)."),
+                io.Image.Input("style_image", tooltip="The style image (what the style LoRA learned)."),
+                io.String.Input("content_prompt", default="a <V1> object in <S1> style",
+                                tooltip="p_c: the content LoRA's training prompt."),
+                io.String.Input("style_prompt", default="a <V2> object in <S2> style",
+                                tooltip="p_s: the style LoRA's training prompt."),
+                io.String.Input("mixed_prompt", default="a <V1> object in <S2> style",
+                                tooltip="p_cs: the content in the style, used by the cycle loss and at inference."),
+                io.Combo.Input("method", options=list(MERGE_METHODS), default=D.method, tooltip=METHOD_TIP),
+                io.Int.Input("steps", default=D.steps, min=1, max=100000, tooltip="Mask training steps (paper: "
+                                                                                  "100)."),
+                io.Float.Input("learning_rate", default=D.learning_rate, min=1e-6, max=10.0, step=1e-3,
+                               tooltip="Adam learning rate of the masks (paper: 0.01)."),
+                io.Float.Input("lambda_cycle", default=D.lambda_cycle, min=0.0, max=100.0, step=0.001,
+                               tooltip="Weight of the Constyle cycle terms (paper: 0.01)."),
+                io.Float.Input("lambda_layer_prior", default=D.lambda_layer_prior, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the layer-prior loss (paper: 0.1)."),
+                io.Float.Input("t_content", default=D.t_content, min=0.0, max=1.0, step=0.05,
+                               tooltip="Prior-informed init: share of ones in the dominant concept's rank mask "
+                                       "(Table 7)."),
+                io.Float.Input("t_style", default=D.t_style, min=0.0, max=1.0, step=0.05,
+                               tooltip="... and in the other concept's mask."),
+                io.Int.Input("cycle_every", default=D.cycle_every, min=1, max=1000,
+                             tooltip="The cycle terms every k steps (each costs two more U-Net passes)."),
+                io.Float.Input("naive_content_weight", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="naive: the content LoRA's weight."),
+                io.Float.Input("naive_style_weight", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="naive: the style LoRA's weight."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the init and the draws."),
+                io.Combo.Input("mode", options=["blocking", "background"], default="blocking", optional=True,
+                               tooltip="blocking: merge in this prompt. background: a job that writes "
+                                       "models/loras/idlora/<name>.safetensors."),
+                io.String.Input("name", default="idlora_duolora", optional=True, tooltip="Background: job / file "
+                                                                                      "name."),
+            ],
+            outputs=[LoraHandle.Output(display_name="lora", tooltip="The merged LoRA (blocking mode)."),
+                     io.LossMap.Output(display_name="loss", tooltip="Merge loss per step (blocking mode)."),
+                     JobHandle.Output(display_name="job", tooltip="The job id (background mode).")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, mode: str = "blocking", **kwargs):
+        return float("nan") if mode == "background" else ""
+
+    @classmethod
+    def execute(cls, model, clip, vae, content_images, style_image, content_prompt, style_prompt, mixed_prompt,
+                method, steps, learning_rate, lambda_cycle, lambda_layer_prior, t_content, t_style, cycle_every,
+                naive_content_weight, naive_style_weight, seed, content_lora=None, content_lora_name=NONE,
+                style_lora=None, style_lora_name=NONE, mode="blocking", name="idlora_duolora") -> io.NodeOutput:
+        cfg = MergeConfig(method=method, steps=steps, learning_rate=learning_rate, lambda_cycle=lambda_cycle,
+                          lambda_layer_prior=lambda_layer_prior, t_content=t_content, t_style=t_style,
+                          cycle_every=cycle_every, naive_weights=(naive_content_weight, naive_style_weight),
+                          seed=seed).validate()
+        check_prompts(content_prompt=content_prompt, style_prompt=style_prompt, mixed_prompt=mixed_prompt)
+        check_images(content_images), check_images(style_image)
+        content, style = resolve_pair(pick(content_lora, content_lora_name, "content"),
+                                      pick(style_lora, style_lora_name, "style"), module_shapes(model),
+                                      diffusers_key_map(model))
+        with torch.inference_mode(False):
+            if mode == "background":
+                data = encode(ComfyDiffusion(model, clip, vae, load="none"), content_images, style_image,
+                              content_prompt, style_prompt, mixed_prompt)
+                return cls.start_job(cfg, content, style, data, name)
+            diffusion = ComfyDiffusion(model, clip, vae)
+            data = encode(diffusion, content_images, style_image, content_prompt, style_prompt, mixed_prompt)
+            merger = LoraMerger(diffusion, data, cfg, content, style)
+            bundle = merger.run(progress_callback(cfg.steps))
+        text = f"{method}: {len(bundle.weights)} layers, rank <= {max(w.rank for w in bundle.weights.values())}"
+        return io.NodeOutput(bundle, {"loss": merger.losses}, "", ui={"text": [text]})
+
+    @classmethod
+    def start_job(cls, cfg, content, style, data, name) -> io.NodeOutput:
+        fname = sanitize_save_name(name)
+        source = model_source.record(cls.hidden.prompt, cls.hidden.unique_id)
+        task = MergeTask(cfg, content, style, os.path.join(idlora_lora_dir(), fname), f"{LORA_SUBDIR}/{fname}",
+                         source, load_private_model, data)
+        job = manager().submit(task, name=fname[:-len(".safetensors")])
+        return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
+
+
+def encode(diffusion, content_images, style_image, p_c: str, p_s: str, p_cs: str) -> MergeData:
+    c = prepare_data(diffusion, content_images.clone(), p_c)
+    s = prepare_data(diffusion, style_image[:1].clone(), p_s)
+    with torch.no_grad():
+        cs = diffusion.encode_prompts([p_cs], content_images.shape[2], content_images.shape[1])
+    return MergeData(c.latents, s.latents, {k: v[:1] for k, v in c.cond.items()}, s.cond,
+                     {k: v.to(c.latents.device) for k, v in cs.items()})
+
+
+class MultiConceptMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRAMultiConceptMerge",
+            display_name="IDLoRA Multi-Concept Merge",
+            category=CATEGORY,
+            description="DuoLoRA Sec. 3.5: combine merged <concept_i, style> LoRAs as sum_i alpha_i <C_i, S>, "
+                        "alpha_i = 1/n unless weights are given. Exact (the ranks are concatenated).",
+            inputs=[LoraHandle.Input("lora_1", tooltip="A merged <concept, style> LoRA."),
+                    LoraHandle.Input("lora_2", tooltip="Another one (same style, same base model)."),
+                    LoraHandle.Input("lora_3", optional=True, tooltip="Optional."),
+                    LoraHandle.Input("lora_4", optional=True, tooltip="Optional."),
+                    io.String.Input("weights", default="", optional=True,
+                                    tooltip="Optional alpha_i, comma-separated; empty: 1/n each.")],
+            outputs=[LoraHandle.Output(display_name="lora", tooltip="The combined LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_1, lora_2, lora_3=None, lora_4=None, weights="") -> io.NodeOutput:
+        bundles = [b for b in (lora_1, lora_2, lora_3, lora_4) if b is not None]
+        for b in bundles:
+            require_lora(b)
+        alphas = None
+        if weights.strip():
+            try:
+                alphas = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise ValueError(f"weights {weights!r} are not numbers: give comma-separated alphas, e.g. "
+                                 f"'0.5, 0.5'") from None
+            if len(alphas) != len(bundles):
+                raise ValueError(f"{len(alphas)} weights for {len(bundles)} LoRAs: give one per connected LoRA")
+        return io.NodeOutput(combine(bundles, alphas))
+
+
+class MaskInspector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IDLoRAMaskInspector",
+            display_name="IDLoRA Mask Inspector",
+            category=CATEGORY,
+            description="The active ranks of the content and style masks per layer of a merged LoRA, split into "
+                        "content- and style-dominant layers (like DuoLoRA's Figure 4).",
+            inputs=[LoraHandle.Input("lora", tooltip="A LoRA from IDLoRA DuoLoRA Merge (its masks are in its "
+                                                     "metadata), or loaded from such a file."),
+                    io.Float.Input("threshold", default=0.5, min=0.0, max=10.0, step=0.05,
+                                   tooltip="A mask entry counts as active when |m| > threshold.")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The mask-rank plot."),
+                     io.String.Output(display_name="summary", tooltip="Per-layer active ranks, as text.")],
+        )
+
+    @classmethod
+    def execute(cls, lora, threshold) -> io.NodeOutput:
+        require_lora(lora)
+        meta = lora.metadata
+        if "idlora_masks" not in meta:
+            raise ValueError("this LoRA has no merge masks in its metadata: inspect a LoRA made by IDLoRA DuoLoRA "
+                             "Merge")
+        masks, kinds = json.loads(meta["idlora_masks"]), json.loads(meta.get("idlora_layer_kinds", "{}"))
+        if any("c" not in m for m in masks.values()):
+            raise ValueError("this merge (ZipLoRA) stores only mask means in its metadata; the per-entry masks of "
+                             "output-dimension merges are too long for it")
+        rows = mask_rank_table(masks, kinds, threshold)
+        img = torch.from_numpy(render_mask_ranks(masks, kinds, threshold)).float()[None] / 255.0
+        text = "\n".join(f"{r['name']} [{r['kind']}]: content {r['active_c']}/{r['rank_c']}, "
+                         f"style {r['active_s']}/{r['rank_s']}" for r in rows)
+        return io.NodeOutput(img, text, ui={"text": [text[:4000]]})
+
+
+NODES = [DuoLoRAMerge, MultiConceptMerge, MaskInspector]

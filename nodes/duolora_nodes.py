@@ -197,6 +197,7 @@ class MaskInspector(io.ComfyNode):
             node_id="IDLoRAMaskInspector",
             display_name="IDLoRA Mask Inspector",
             category=CATEGORY,
+            is_output_node=True,
             description="The active ranks of the content and style masks per layer of a merged LoRA, split into "
                         "content- and style-dominant layers (like DuoLoRA's Figure 4).",
             inputs=[LoraHandle.Input("lora", tooltip="A LoRA from IDLoRA DuoLoRA Merge (its masks are in its "

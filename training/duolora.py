@@ -137,7 +137,7 @@ def classify_layers(denoiser: nn.Module, names: list[str], run_forward, latent_h
         if hw is None:
             out[name] = (OTHER, None)
         else:
-            out[name] = (CONTENT if hw[0] * 4 <= latent_hw[0] else STYLE, hw)
+            out[name] = (CONTENT if min(hw) * 4 <= min(latent_hw) else STYLE, hw)
     return out
 
 
@@ -324,13 +324,15 @@ class LoraMerger(LoraTrainer):
         return meta
 
     def bundle(self) -> LoraBundle:
-        if self.cfg.prune_below > 0:
-            with torch.no_grad():
-                for _, l in self.network.items():
-                    for m in (l.m_c, l.m_s):
-                        m[m.abs() <= self.cfg.prune_below] = 0.0
-        weights = {n: LoraWeight(d, u, a) for n, (d, u, a) in self.network.export().items()}
-        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+        saved = {n: (l.m_c.detach().clone(), l.m_s.detach().clone()) for n, l in self.network.items()}
+        if self.cfg.prune_below > 0:  # on the export only: the live masks stay as trained
+            self.network.set_masks({n: tuple(torch.where(m.abs() <= self.cfg.prune_below, 0.0, m) for m in ms)
+                                    for n, ms in saved.items()})
+        try:
+            weights = {n: LoraWeight(d, u, a) for n, (d, u, a) in self.network.export().items()}
+            return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+        finally:
+            self.network.set_masks(saved)
 
 
 def base_model_of(bundle: LoraBundle) -> str | None:

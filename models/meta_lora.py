@@ -126,7 +126,7 @@ class MetaLoraNetwork(nn.Module):
         eff = (self.mid[k][0] @ down.flatten(1)).reshape(self.r2, *down.shape[1:])
         up = self.up[k][0]
         if k in self.conv_args:
-            return F.conv2d(F.conv2d(x, eff, **self.conv_args), up[:, :, None, None])
+            return F.conv2d(F.conv2d(x, eff, **self.conv_args[k]), up[:, :, None, None])
         return F.linear(F.linear(x, eff), up)
 
     def attach(self) -> "MetaLoraNetwork":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +136,41 @@ def select_targets(model: nn.Module, targets: str = "attn", exclude: str | None 
     return found
 
 
-class LoraNetwork(nn.Module):
+class HookedAdapter:
+    """``attach`` / ``detach`` / ``attached`` for adapters whose branch output is added to each target module's output
+    by a forward hook. A subclass sets ``names``, ``_targets`` ({name: module}) and ``_handles`` ([]), and gives the
+    branch of each target with ``branch_of``."""
+
+    def branch_of(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        raise NotImplementedError
+
+    def attach(self):
+        if not self._handles:
+            for name in self.names:
+                self._handles.append(self._targets[name].register_forward_hook(_added(self.branch_of(name))))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def attached(self):
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+
+def _added(branch: Callable[[torch.Tensor], torch.Tensor]):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + branch(args[0]).to(output.dtype)
+    return hook
+
+
+class LoraNetwork(HookedAdapter, nn.Module):
     """A set of LoRA layers for named modules of one model, attached through forward hooks."""
 
     def __init__(self, modules: dict[str, nn.Module], rank: int, alpha: float | None = None,
@@ -160,26 +194,13 @@ class LoraNetwork(nn.Module):
         return ((n, self.layers[_key(n)]) for n in self.names)
 
     # -- attaching -------------------------------------------------------
+    def branch_of(self, name: str) -> LoraLayer:
+        return self.layer(name)
+
     def attach(self) -> "LoraNetwork":
         if self._merged:
             raise RuntimeError("this LoRA is merged into the weights; unmerge it before attaching it")
-        if not self._handles:
-            for name, layer in self.items():
-                self._handles.append(self._targets[name].register_forward_hook(_branch(layer)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @contextmanager
-    def attached(self) -> Iterator["LoraNetwork"]:
-        self.attach()
-        try:
-            yield self
-        finally:
-            self.detach()
+        return super().attach()
 
     # -- dense views -----------------------------------------------------
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -215,12 +236,6 @@ class LoraNetwork(nn.Module):
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
-
-
-def _branch(layer: LoraLayer):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + layer(args[0]).to(output.dtype)
-    return hook
 
 
 def freeze(params: Iterable[nn.Parameter]) -> None:

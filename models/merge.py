@@ -14,14 +14,13 @@ LoRA (``MergeNetwork.export``), and rank components whose ZipRank mask is exactl
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import _key
+from .lora import HookedAdapter, _key
 
 METHODS = ("ziprank", "ziplora", "naive")
 
@@ -92,7 +91,7 @@ class MergedLayer(nn.Module):
         return torch.cat(downs), (up[..., None, None] if self.conv_args is not None else up)
 
 
-class MergeNetwork(nn.Module):
+class MergeNetwork(HookedAdapter, nn.Module):
     """Merged layers on named modules of one model, attached through forward hooks."""
 
     def __init__(self, modules: dict[str, nn.Module], content: dict[str, tuple], style: dict[str, tuple],
@@ -115,24 +114,8 @@ class MergeNetwork(nn.Module):
     def mask_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.m_c, layer.m_s)]
 
-    def attach(self) -> "MergeNetwork":
-        if not self._handles:
-            for name, layer in self.items():
-                self._handles.append(self._targets[name].register_forward_hook(_hook(layer)))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @contextmanager
-    def attached(self) -> Iterator["MergeNetwork"]:
-        self.attach()
-        try:
-            yield self
-        finally:
-            self.detach()
+    def branch_of(self, name: str):
+        return self.layers[_key(name)].branch
 
     @torch.no_grad()
     def set_masks(self, masks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -156,8 +139,3 @@ def _zero_like(lora: tuple) -> tuple:
     down, up, _ = lora
     return torch.zeros(1, *down.shape[1:]), torch.zeros(up.shape[0], 1, *up.shape[2:]), 1.0
 
-
-def _hook(layer: MergedLayer):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return output + layer.branch(args[0]).to(output.dtype)
-    return hook

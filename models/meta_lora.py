@@ -11,14 +11,11 @@ Conv2d targets: meta-down is a conv with the base layer's kernel, stride and pad
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoraConfigError, _key
+from .lora import HookedAdapter, LoraConfigError, _key
 
 
 def check_ranks(r1: int, r2: int) -> None:
@@ -30,7 +27,7 @@ def check_ranks(r1: int, r2: int) -> None:
         raise LoraConfigError(f"r2 = {r2} is larger than r1 = {r1}: Mid maps r1 -> r2, so use r2 <= r1")
 
 
-class MetaLoraNetwork(nn.Module):
+class MetaLoraNetwork(HookedAdapter, nn.Module):
     """Meta-Down, and ``slots`` (Mid, Up) pairs, on named Linear / Conv2d modules, attached with forward hooks."""
 
     def __init__(self, modules: dict[str, nn.Module], r1: int = 128, r2: int = 1, slots: int = 1, seed: int = 0):
@@ -129,29 +126,9 @@ class MetaLoraNetwork(nn.Module):
             return F.conv2d(F.conv2d(x, eff, **self.conv_args[k]), up[:, :, None, None])
         return F.linear(F.linear(x, eff), up)
 
-    def attach(self) -> "MetaLoraNetwork":
-        if not self._handles:
-            for name in self.names:
-                self._handles.append(self._targets[name].register_forward_hook(self._hook(_key(name))))
-        return self
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @contextmanager
-    def attached(self) -> Iterator["MetaLoraNetwork"]:
-        self.attach()
-        try:
-            yield self
-        finally:
-            self.detach()
-
-    def _hook(self, k: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + self.branch(k, args[0]).to(output.dtype)
-        return hook
+    def branch_of(self, name: str):
+        k = _key(name)
+        return lambda x: self.branch(k, x)
 
     # -- collapse ----------------------------------------------------------------
     @torch.no_grad()

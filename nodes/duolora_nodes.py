@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import torch
 
@@ -13,13 +12,12 @@ from comfy_api.latest import io
 
 from ..training.duolora import MERGE_METHODS, LoraMerger, MergeConfig, MergeData, check_prompts, combine, resolve_pair
 from ..training.duolora_job import MergeTask
-from ..training.lora_format import LoraBundle, load_lora, sanitize_save_name
+from ..training.lora_format import LoraBundle, load_lora
 from ..training.lora_trainer import check_images, prepare_data
 from ..training.mask_plot import mask_rank_table, render_mask_ranks
-from . import model_source
 from .comfy_adapter import ComfyDiffusion, diffusers_key_map, module_shapes
-from .job_service import load_private_model, manager
-from .lora_nodes import LORA_SUBDIR, idlora_lora_dir, progress_callback, require_lora, resolve_lora_path
+from .job_service import load_private_model
+from .lora_nodes import progress_callback, require_lora, resolve_lora_path, start_lora_job
 from .types import JobHandle, LoraHandle
 
 log = logging.getLogger(__name__)
@@ -138,12 +136,8 @@ class DuoLoRAMerge(io.ComfyNode):
 
     @classmethod
     def start_job(cls, cfg, content, style, data, name) -> io.NodeOutput:
-        fname = sanitize_save_name(name)
-        source = model_source.record(cls.hidden.prompt, cls.hidden.unique_id)
-        task = MergeTask(cfg, content, style, os.path.join(idlora_lora_dir(), fname), f"{LORA_SUBDIR}/{fname}",
-                         source, load_private_model, data)
-        job = manager().submit(task, name=fname[:-len(".safetensors")])
-        return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
+        return start_lora_job(cls, name, lambda path, lora_name, source: MergeTask(
+            cfg, content, style, path, lora_name, source, load_private_model, data))
 
 
 def encode(diffusion, content_images, style_image, p_c: str, p_s: str, p_cs: str) -> MergeData:

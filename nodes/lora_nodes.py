@@ -43,6 +43,18 @@ def idlora_lora_dir() -> str:
     return os.path.join(folder_paths.get_folder_paths("loras")[0], LORA_SUBDIR)
 
 
+def start_lora_job(node_cls, name: str, make_task) -> io.NodeOutput:
+    """Submit a background job whose product is models/loras/idlora/<name>.safetensors.
+
+    ``make_task(output_path, lora_name, model_source)`` builds the task; the node's outputs are (no LoRA, no loss,
+    the job id), and the job id goes to the UI."""
+    fname = sanitize_save_name(name)
+    source = model_source.record(node_cls.hidden.prompt, node_cls.hidden.unique_id)
+    task = make_task(os.path.join(idlora_lora_dir(), fname), f"{LORA_SUBDIR}/{fname}", source)
+    job = manager().submit(task, name=fname[:-len(".safetensors")])
+    return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
+
+
 class TrainLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -126,14 +138,10 @@ class TrainLoRA(io.ComfyNode):
 
     @classmethod
     def start_job(cls, model, clip, vae, images, prompt, cfg, job_name, sample_every) -> io.NodeOutput:
-        fname = sanitize_save_name(job_name)
-        source = model_source.record(cls.hidden.prompt, cls.hidden.unique_id)
         with torch.inference_mode(False):
             data = prepare_data(ComfyDiffusion(model, clip, vae, load="none"), images.clone(), prompt)
-        task = LoraJobTask(cfg, os.path.join(idlora_lora_dir(), fname), f"{LORA_SUBDIR}/{fname}", source,
-                           load_private_model, data=data, sample_every=sample_every)
-        job = manager().submit(task, name=fname[:-len(".safetensors")])
-        return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
+        return start_lora_job(cls, job_name, lambda path, lora_name, source: LoraJobTask(
+            cfg, path, lora_name, source, load_private_model, data=data, sample_every=sample_every))
 
 
 class SaveLoRA(io.ComfyNode):

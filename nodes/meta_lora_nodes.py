@@ -22,7 +22,7 @@ from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
 from .comfy_adapter import ComfyDiffusion
 from .job_service import load_private_model, manager
-from .lora_nodes import LORA_SUBDIR, idlora_lora_dir, progress_callback
+from .lora_nodes import progress_callback, start_lora_job
 from .types import JobHandle, LoraHandle, LoraNameOutput, MetaDownHandle
 
 log = logging.getLogger(__name__)
@@ -236,12 +236,8 @@ class MetaPersonalize(io.ComfyNode):
 
     @classmethod
     def start_job(cls, cfg, meta_down, data, name) -> io.NodeOutput:
-        fname = sanitize_save_name(name)
-        source = model_source.record(cls.hidden.prompt, cls.hidden.unique_id)
-        task = MetaPersonalizeTask(cfg, meta_down["path"], os.path.join(idlora_lora_dir(), fname),
-                                   f"{LORA_SUBDIR}/{fname}", source, load_private_model, data)
-        job = manager().submit(task, name=fname[:-len(".safetensors")])
-        return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
+        return start_lora_job(cls, name, lambda path, lora_name, source: MetaPersonalizeTask(
+            cfg, meta_down["path"], path, lora_name, source, load_private_model, data))
 
 
 def encode_crops(diffusion, crops: list[np.ndarray], prompt: str) -> CropData:

@@ -177,3 +177,10 @@ def start(base: Path, comfy_dir: Path, timeout: float = 120, extra_args: list[st
         time.sleep(0.5)
     srv.stop()
     raise TimeoutError(f"ComfyUI did not answer in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def last_error(events: list[dict]) -> dict:
+    """The data of the last ``execution_error`` websocket event of a run (fails the test when there is none)."""
+    errors = [e["data"] for e in events if e["type"] == "execution_error"]
+    assert errors, "expected an execution error"
+    return errors[-1]

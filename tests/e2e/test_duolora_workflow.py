@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from server_util import last_error
+
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "api" / "idlora_duolora.json"
@@ -16,12 +18,6 @@ WORKFLOW = ROOT / "workflows" / "api" / "idlora_duolora.json"
 
 def workflow() -> dict:
     return json.loads(WORKFLOW.read_text())
-
-
-def _error(events) -> dict:
-    errors = [e["data"] for e in events if e["type"] == "execution_error"]
-    assert errors, "expected an execution error"
-    return errors[-1]
 
 
 def test_duolora_workflow_runs_and_exports_a_standard_lora(srv):
@@ -49,7 +45,7 @@ def test_merge_as_a_background_job(srv):
     wf["30"] = {"class_type": "IDLoRAWaitForJob", "inputs": {"job": ["8", 2], "which": "main"}}
     wf["31"] = {"class_type": "IDLoRAMaskInspector", "inputs": {"lora": ["30", 0], "threshold": 0.5}}
     hist, events = srv.run(wf, timeout=600)
-    err = _error(events)  # ZipLoRA keeps only mask means: the inspector says so instead of drawing garbage
+    err = last_error(events)  # ZipLoRA keeps only mask means: the inspector says so instead of drawing garbage
     assert err["node_id"] == "31" and "ZipLoRA" in err["exception_message"], err
     job_id = hist["outputs"]["8"]["idlora_job"][0]
     deadline = time.time() + 300
@@ -72,7 +68,7 @@ def test_bad_inputs_are_named(srv, change, needle):
         else:
             wf["8"]["inputs"][key] = value
     hist, events = srv.run(wf, timeout=300)
-    err = _error(events)
+    err = last_error(events)
     assert err["node_id"] == "8" and needle in err["exception_message"], err["exception_message"]
     assert srv.alive()
 
@@ -87,5 +83,5 @@ def test_lora_of_another_model_is_refused(srv):
     del wf["8"]["inputs"]["style_lora"]
     wf["8"]["inputs"]["style_lora_name"] = "alien.safetensors"
     hist, events = srv.run(wf, timeout=300)
-    err = _error(events)
+    err = last_error(events)
     assert err["node_id"] == "8" and "style LoRA does not fit this model" in err["exception_message"], err

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from server_util import last_error
+
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW = ROOT / "workflows" / "api" / "idlora_meta_lora.json"
@@ -15,12 +17,6 @@ WORKFLOW = ROOT / "workflows" / "api" / "idlora_meta_lora.json"
 
 def workflow() -> dict:
     return json.loads(WORKFLOW.read_text())
-
-
-def _error(events) -> dict:
-    errors = [e["data"] for e in events if e["type"] == "execution_error"]
-    assert errors, "expected an execution error"
-    return errors[-1]
 
 
 def test_meta_lora_workflow_runs_end_to_end(srv):
@@ -51,7 +47,7 @@ def test_empty_identity_folder_is_named(srv):
     wf = {k: v for k, v in workflow().items() if k in ("1", "2")}
     wf["2"]["inputs"]["dataset"] = "bad_ids"
     hist, events = srv.run(wf, timeout=300)
-    err = _error(events)
+    err = last_error(events)
     assert err["node_id"] == "2" and "bob" in err["exception_message"], err["exception_message"]
     assert srv.alive()
 
@@ -60,7 +56,7 @@ def test_photo_without_a_face_is_named(srv):
     wf = {k: v for k, v in workflow().items() if k in ("5", "6", "7")}
     wf["5"]["inputs"]["image"] = "idlora_style_example.png"
     hist, events = srv.run(wf, timeout=300)
-    err = _error(events)
+    err = last_error(events)
     assert err["node_id"] == "6" and "no face" in err["exception_message"].lower()
     assert "'photo' input" in err["exception_message"], err["exception_message"]
 
@@ -79,6 +75,6 @@ def test_meta_down_of_another_base_model_is_refused(srv):
     wf["8"]["inputs"]["steps"] = 2
     wf["9"] = {"class_type": "IDLoRASaveLoRA", "inputs": {"lora": ["8", 0], "name": "never", "overwrite": True}}
     hist, events = srv.run(wf, timeout=300)
-    err = _error(events)
+    err = last_error(events)
     assert err["node_id"] == "8", err
     assert "trained on base model 'sdxl', this model is 'sd15'" in err["exception_message"], err["exception_message"]

@@ -41,7 +41,6 @@ import gc
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ if str(BENCH) not in sys.path:
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
     ALLOC_ENV, CONTENDED, CONTEXT_DIM, LEARNING_RATE, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _fill_seeded,
     _inputs, _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, cpu_model,
-    matmul_peak_gflops, spawn, summarize,
+    matmul_peak_gflops, spawn, summarize, add_run_args, report_failures, write_results,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_idstyle.md"
@@ -381,13 +380,7 @@ def parse_args(argv=None):
     p.add_argument("--presets", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the SD1.5 block presets of training/idstyle.BLOCK_PRESETS")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--retries", type=int, default=1,
-                   help="re-runs of a run whose CPU/wall shows competing load (the cleaner run is kept)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
-    p.add_argument("--out", default=str(RESULTS), help="Markdown results file ('' to skip)")
-    p.add_argument("--verbose", action="store_true", help="print each child's log")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_run_args(p, RESULTS)
     return p.parse_args(argv)
 
 
@@ -543,21 +536,8 @@ def main(argv=None) -> int:
     if warn:
         print("\n".join(warn))
     print("\n".join(notes))
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(md))
-        print(f"written: {out}")
-    if failed:
-        print(file=sys.stderr)
-        for row, r in failed:
-            print(f"ERROR: run '{row}' failed: {r.get('error', 'unknown')}", file=sys.stderr)
-            for line in r.get("trace", []):
-                print(f"    {line}", file=sys.stderr)
-        print(f"the child logs are kept in {logs}", file=sys.stderr)
-        return 1
-    shutil.rmtree(logs, ignore_errors=True)
-    return 0
+    write_results(a.out, "\n".join(md))
+    return report_failures(failed, logs)
 
 
 if __name__ == "__main__":

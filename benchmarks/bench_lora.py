@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -532,6 +533,40 @@ def ratios(rows: list[tuple[dict, dict]]) -> list[str]:
     return out
 
 
+def add_run_args(p: argparse.ArgumentParser, results: Path) -> None:
+    """The flags every benchmark with child runs shares: retries, timeout, results file, verbosity, child mode."""
+    p.add_argument("--retries", type=int, default=1,
+                   help="re-runs of a run whose CPU/wall shows competing load (the cleaner run is kept)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
+    p.add_argument("--out", default=str(results), help="Markdown results file ('' to skip)")
+    p.add_argument("--verbose", action="store_true", help="print each child's log")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def write_results(path: str, text: str) -> None:
+    """The Markdown report, when a path is given ('' skips it)."""
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"written: {out}")
+
+
+def report_failures(failed: list[tuple[str, dict]], logs: Path) -> int:
+    """Exit status: 1 and each failed child's error on stderr (its logs kept), or 0 and the logs removed."""
+    if failed:
+        print(file=sys.stderr)
+        for what, r in failed:
+            print(f"ERROR: run '{what}' failed: {r.get('error', 'unknown')}", file=sys.stderr)
+            for line in r.get("trace", []):
+                print(f"    {line}", file=sys.stderr)
+        print(f"the child logs are kept in {logs}", file=sys.stderr)
+        return 1
+    shutil.rmtree(logs, ignore_errors=True)
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["tiny", "sd15", "both"], default="tiny")
@@ -540,13 +575,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps (median over these)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     p.add_argument("--trainers", default="idlora,comfy,peft", help="comma-separated subset of idlora,comfy,peft")
-    p.add_argument("--retries", type=int, default=1,
-                   help="re-runs of a run whose CPU/wall shows competing load (the cleaner run is kept)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per run")
-    p.add_argument("--out", default=str(RESULTS), help="Markdown results file ('' to skip)")
-    p.add_argument("--verbose", action="store_true", help="print each child's log")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    add_run_args(p, RESULTS)
     return p.parse_args(argv)
 
 
@@ -646,11 +675,7 @@ def main(argv=None) -> int:
         print("Ratios (< 1: IDLoRA is faster / smaller):")
         print("\n".join(rat))
     print("\n".join(notes))
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"written: {out}")
+    write_results(a.out, text)
     return 0 if all(r.get("ok") for _, r in rows) else 1
 
 

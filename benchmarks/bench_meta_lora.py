@@ -70,7 +70,7 @@ if str(BENCH) not in sys.path:
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
     ALLOC_ENV, CONTENDED, CONTEXT_DIM, FULL_SD15_UNET, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
     _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, cpu_model,
-    matmul_peak_gflops, spawn, summarize,
+    matmul_peak_gflops, spawn, summarize, write_results,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_meta_lora.md"
@@ -1022,11 +1022,7 @@ def main(argv=None) -> int:
     if errors:
         md += ["## Errors", ""] + [f"- {e}" for e in errors] + [""]
     print(f"\nbenchmark wall time: {wall:.0f} s")
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(md))
-        print(f"written: {out}")
+    write_results(a.out, "\n".join(md))
     if errors:
         print(file=sys.stderr)
         for e in errors:

@@ -58,7 +58,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
-    ALLOC_ENV, CONTENDED, CONTEXT_DIM, FULL_SD15_UNET, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
+    ALLOC_ENV, CONTENDED, CONTEXT_DIM, FULL_UNETS, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
     _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, cpu_model,
     matmul_peak_gflops, spawn, summarize, add_run_args, report_failures, write_results,
 )
@@ -78,12 +78,6 @@ ROWS = {
     "duolora_k4": ("duolora", 4, "DuoLoRA full, cycle_every=4"),
     "naive": ("naive", 1, "naive sum, no training"),
 }
-
-# SDXL's U-Net as ComfyUI detects it (the same config as tests/inprocess/test_idstyle_presets.py).
-FULL_SDXL_UNET = {"num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
-                  "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-                  "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
-                  "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
 
 # Quality task (tiny model). Fixed before any merge was measured; not tuned per method.
 Q_IMAGE_PX = 64          # 8x8 latents
@@ -261,9 +255,8 @@ def run_params(spec: dict) -> dict:
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
         from idlora.models.lora import select_targets
         from idlora.training.duolora import param_counts
-        from tiny_checkpoint import UNET_COMMON
 
-        configs = {"sd15": dict(FULL_SD15_UNET), "sdxl": {**UNET_COMMON, **FULL_SDXL_UNET}}
+        configs = {k: dict(v) for k, v in FULL_UNETS.items()}
         out = {}
         for family, cfg in configs.items():
             with torch.device("meta"):

@@ -36,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_lora.md"
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))  # seeded.py, tiny_checkpoint.py
+from tiny_checkpoint import FULL_UNETS  # noqa: E402  (pure python: configs and a generator)
 
 # glibc malloc: keep freed memory instead of returning it to the kernel and re-faulting it every step
 # (see shared DESIGN.md, "Performance anchors"). Set for every child process.
@@ -51,28 +54,7 @@ LEARNING_RATE = 1e-4
 CONTEXT_DIM = 768
 TOKENS = 77
 
-# The full SD1.5 U-Net, as comfy.model_detection.detect_unet_config reports it for a real SD1.5
-# checkpoint (ComfyUI's SD15 entry; SD15.unet_extra_config adds num_heads / num_head_channels).
-FULL_SD15_UNET = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "out_channels": 4,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "in_channels": 4,
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False,
-    "context_dim": 768,
-    "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+FULL_SD15_UNET = FULL_UNETS["sd15"]  # the full SD1.5 U-Net as ComfyUI detects it
 
 # The same architectures for diffusers.UNet2DConditionModel.
 DIFFUSERS_CONFIGS = {

@@ -301,6 +301,16 @@ def tiny_cond(arch: str, patcher, n: int, seed: int) -> dict:
     return {"context": context, "y": y}
 
 
+def meta_unets() -> dict:
+    """The full-size SD1.5 and SDXL U-Nets (ComfyUI's UNetModel) on the meta device: names and shapes, no memory."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from tiny_checkpoint import FULL_UNETS  # tools/
+    with torch.device("meta"):
+        return {k: UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
+                for k, cfg in FULL_UNETS.items()}
+
+
 if __name__ == "__main__":
     import argparse
 

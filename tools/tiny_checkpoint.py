@@ -52,6 +52,18 @@ UNET_COMMON = {  # the keys every SD-family U-Net config here shares
     "use_temporal_resblock": False,
     "use_temporal_attention": False,
 }
+# The full-size U-Nets, as comfy.model_detection.detect_unet_config reports them for real SD1.5 and SDXL-base
+# checkpoints (for benchmarks and meta-device architecture tests; this module itself only writes the tiny one).
+FULL_UNETS = {
+    "sd15": {**UNET_COMMON, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
+    "sdxl": {**UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+             "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
+}
 TINY_SD15_UNET = {
     **UNET_COMMON,
     "adm_in_channels": None,

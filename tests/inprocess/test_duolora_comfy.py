@@ -13,21 +13,12 @@ import re
 import pytest
 import torch
 
-from tiny_checkpoint import UNET_COMMON  # tools/
+from tiny_checkpoint import FULL_UNETS  # tools/
 
 pytestmark = pytest.mark.comfy
 
 # The full-size U-Nets (as in test_idstyle_presets.py): ComfyUI's detected configs of SD1.5 and SDXL base.
-FULL = {
-    "sd15": {**UNET_COMMON, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
-    "sdxl": {**UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
-             "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
-}
+FULL = FULL_UNETS
 LATENT = {"sdxl": 128, "sd15": 64}  # 1024 px and 512 px images
 BLOCK = re.compile(r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.")
 
@@ -43,10 +34,8 @@ SD15_SIZES = {"input_blocks.1": 64, "input_blocks.2": 64, "input_blocks.4": 32, 
 
 @pytest.fixture(scope="module")
 def unets(comfy):
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    with torch.device("meta"):
-        return {k: UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init) for k, cfg in FULL.items()}
+    import comfy_tiny
+    return comfy_tiny.meta_unets()
 
 
 def meta_forward(unet, arch: str, side: int, seen: dict | None = None):

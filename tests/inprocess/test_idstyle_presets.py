@@ -6,29 +6,17 @@ import re
 
 import pytest
 
-from tiny_checkpoint import UNET_COMMON  # tools/
+from tiny_checkpoint import FULL_UNETS  # tools/
 
 pytestmark = pytest.mark.comfy
 
-FULL = {
-    "sd15": {**UNET_COMMON, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
-             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]},
-    "sdxl": {**UNET_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
-             "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]},
-}
+FULL = FULL_UNETS
 
 
 @pytest.fixture(scope="module")
 def unets(comfy):
-    import torch
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    with torch.device("meta"):
-        return {k: UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init) for k, cfg in FULL.items()}
+    import comfy_tiny
+    return comfy_tiny.meta_unets()
 
 
 def _targets(unet, pattern):

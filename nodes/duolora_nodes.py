@@ -17,8 +17,9 @@ from ..training.lora_trainer import check_images, prepare_data
 from ..training.mask_plot import mask_rank_table, render_mask_ranks
 from .comfy_adapter import ComfyDiffusion, diffusers_key_map, module_shapes
 from .job_service import load_private_model
-from .lora_nodes import progress_callback, require_lora, resolve_lora_path, start_lora_job
-from .types import JobHandle, LoraHandle
+from .lora_nodes import (background_inputs, lora_job_outputs, progress_callback, require_lora, resolve_lora_path,
+                         start_lora_job)
+from .types import LoraHandle
 
 log = logging.getLogger(__name__)
 CATEGORY = "IDLoRA/duolora"
@@ -92,15 +93,9 @@ class DuoLoRAMerge(io.ComfyNode):
                 io.Float.Input("naive_style_weight", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="naive: the style LoRA's weight."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the init and the draws."),
-                io.Combo.Input("mode", options=["blocking", "background"], default="blocking", optional=True,
-                               tooltip="blocking: merge in this prompt. background: a job that writes "
-                                       "models/loras/idlora/<name>.safetensors."),
-                io.String.Input("name", default="idlora_duolora", optional=True, tooltip="Background: job / file "
-                                                                                      "name."),
+                *background_inputs("idlora_duolora", work="merge"),
             ],
-            outputs=[LoraHandle.Output(display_name="lora", tooltip="The merged LoRA (blocking mode)."),
-                     io.LossMap.Output(display_name="loss", tooltip="Merge loss per step (blocking mode)."),
-                     JobHandle.Output(display_name="job", tooltip="The job id (background mode).")],
+            outputs=lora_job_outputs("merged"),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 

@@ -43,6 +43,23 @@ def idlora_lora_dir() -> str:
     return os.path.join(folder_paths.get_folder_paths("loras")[0], LORA_SUBDIR)
 
 
+def lora_job_outputs(what: str = "trained") -> list:
+    """The outputs of a node that trains a LoRA in the prompt or as a background job: (lora, loss, job)."""
+    return [LoraHandle.Output(display_name="lora", tooltip=f"The {what} LoRA (blocking mode; connect to Save / "
+                                                            f"Apply)."),
+            io.LossMap.Output(display_name="loss", tooltip="Loss per step (blocking mode; connect to IDLoRA Loss "
+                                                           "Plot)."),
+            JobHandle.Output(display_name="job", tooltip="The job id (background mode).")]
+
+
+def background_inputs(default_name: str, work: str = "train") -> list:
+    """The optional ``mode`` and ``name`` inputs of a node that can run as a background job."""
+    return [io.Combo.Input("mode", options=["blocking", "background"], default="blocking", optional=True,
+                           tooltip=f"blocking: {work} in this prompt and output the LoRA. background: a job that "
+                                   f"writes models/loras/idlora/<name>.safetensors."),
+            io.String.Input("name", default=default_name, optional=True, tooltip="Background: job and file name.")]
+
+
 def start_lora_job(node_cls, name: str, make_task) -> io.NodeOutput:
     """Submit a background job whose product is models/loras/idlora/<name>.safetensors.
 
@@ -105,13 +122,7 @@ class TrainLoRA(io.ComfyNode):
                                      "estimate of the first image (latent-to-RGB, no VAE) goes to the jobs "
                                      "panel. 0: none."),
             ],
-            outputs=[
-                LoraHandle.Output(display_name="lora", tooltip="The trained LoRA (blocking mode; connect to "
-                                                               "Save / Apply)."),
-                io.LossMap.Output(display_name="loss", tooltip="Loss per step (blocking mode; connect to IDLoRA "
-                                                               "Loss Plot)."),
-                JobHandle.Output(display_name="job", tooltip="The job id (background mode)."),
-            ],
+            outputs=lora_job_outputs(),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 

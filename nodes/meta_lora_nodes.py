@@ -22,8 +22,8 @@ from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
 from .comfy_adapter import ComfyDiffusion
 from .job_service import load_private_model, manager
-from .lora_nodes import progress_callback, start_lora_job
-from .types import JobHandle, LoraHandle, LoraNameOutput, MetaDownHandle
+from .lora_nodes import background_inputs, lora_job_outputs, progress_callback, start_lora_job
+from .types import JobHandle, LoraNameOutput, MetaDownHandle
 
 log = logging.getLogger(__name__)
 CATEGORY = "IDLoRA/meta-lora"
@@ -199,15 +199,9 @@ class MetaPersonalize(io.ComfyNode):
                                tooltip="Paper: 4e-4."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of init, crops order, noise."),
                 *_aug_inputs(),
-                io.Combo.Input("mode", options=["blocking", "background"], default="blocking", optional=True,
-                               tooltip="blocking: train in this prompt and output the LoRA. background: a job that "
-                                       "writes models/loras/idlora/<name>.safetensors."),
-                io.String.Input("name", default="idlora_meta_lora", optional=True, tooltip="Background: job and "
-                                                                                        "file name."),
+                *background_inputs("idlora_meta_lora"),
             ],
-            outputs=[LoraHandle.Output(display_name="lora", tooltip="The collapsed LoRA (blocking mode)."),
-                     io.LossMap.Output(display_name="loss", tooltip="Loss per step (blocking mode)."),
-                     JobHandle.Output(display_name="job", tooltip="The job id (background mode).")],
+            outputs=lora_job_outputs("collapsed"),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 

@@ -11,8 +11,11 @@ residual blocks, and ends in a per-patch MLP that turns each position's features
 L / (latent_channels * latent_length): with patch 16, 5 levels and 4 latent channels it is 64x; patch 64 gives
 the paper's ~300x range (256x).
 
-Inputs are scaled by ``weight_scale`` (the population's weight std, set by the trainer) so that the network sees
-numbers of order 1; ``encode`` / ``decode`` take and give real LoRA weights.
+Inputs are centred on ``weight_mean`` and divided by ``weight_scale`` (the population's mean LoRA and the std
+around it, set by the trainer), so the network sees the identity-specific part at unit scale: LoRAs trained from one
+shared initialisation have a large common part that a decoder without absolute positions could not reproduce from a
+small latent. The head's last layer starts at zero, so an untrained LAE returns the mean LoRA. ``encode`` /
+``decode`` take and give real LoRA weights.
 """
 from __future__ import annotations
 
@@ -107,6 +110,7 @@ class LoraAutoencoder(nn.Module):
         self.cfg = cfg.validate()
         c, p = cfg.channels, cfg.patch
         self.register_buffer("weight_scale", torch.ones(()))
+        self.register_buffer("weight_mean", torch.zeros(cfg.length))
         self.patchify = nn.Conv1d(1, c, p, stride=p)
         enc: list[nn.Module] = []
         for i in range(cfg.levels):
@@ -120,20 +124,22 @@ class LoraAutoencoder(nn.Module):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv1d(c, c, 3, padding=1), ResBlock1d(c)]
         self.decoder = nn.Sequential(*dec, _norm(c))
         self.head = nn.Sequential(nn.Linear(c, cfg.mlp_hidden), nn.SiLU(), nn.Linear(cfg.mlp_hidden, p))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
 
     def encode(self, weights: torch.Tensor) -> torch.Tensor:
         """(B, L) LoRA vectors -> (B, latent_channels, T) latents."""
         if weights.ndim != 2 or weights.shape[1] != self.cfg.length:
             raise ValueError(f"the LAE takes (batch, {self.cfg.length}) LoRA vectors, got {tuple(weights.shape)}: "
                              f"flatten the LoRA with the layout this LAE was trained on")
-        x = F.pad(weights / self.weight_scale, (0, self.cfg.padded_length - self.cfg.length))
+        x = F.pad((weights - self.weight_mean) / self.weight_scale, (0, self.cfg.padded_length - self.cfg.length))
         return self.encoder(self.patchify(x[:, None]))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, latent_channels, T) -> (B, L) LoRA vectors."""
         h = self.decoder(latents).transpose(1, 2)          # (B, T * patch_groups, C)
         out = self.head(h).reshape(latents.shape[0], -1)   # (B, L_pad)
-        return out[:, :self.cfg.length] * self.weight_scale
+        return out[:, :self.cfg.length] * self.weight_scale + self.weight_mean
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(weights))

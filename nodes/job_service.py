@@ -18,9 +18,11 @@ import threading
 import comfy.model_management
 import folder_paths
 
+from ..training.difflora_job import DiffLoraTask, LaeTask
 from ..training.duolora_job import MergeTask
 from ..training.idstyle import IdentityStyleTask, Resources
 from ..training.jobs import JobManager
+from ..training.lora_dataset import LoraDatasetTask
 from ..training.lora_job import LoraJobTask
 from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
@@ -59,6 +61,11 @@ def load_identity_resources(sources: dict) -> Resources:
     return Resources(ComfyDiffusion(model, vae=vae, load="private"), embed)
 
 
+def torch_device() -> str:
+    """ComfyUI's torch device, where the DiffLoRA jobs train (they hold no MODEL)."""
+    return str(comfy.model_management.get_torch_device())
+
+
 def manager() -> JobManager:
     global _manager
     with _lock:
@@ -73,6 +80,10 @@ def manager() -> JobManager:
             _manager.register("duolora", lambda cfg, d: MergeTask.from_config(cfg, d, load_private_model))
             _manager.register("idstyle", lambda cfg, d: IdentityStyleTask.from_config(cfg, d,
                                                                                      load_identity_resources))
+            _manager.register("lora_dataset",
+                              lambda cfg, d: LoraDatasetTask.from_config(cfg, d, load_private_model))
+            _manager.register("difflora_lae", lambda cfg, d: LaeTask.from_config(cfg, d, torch_device()))
+            _manager.register("difflora_dit", lambda cfg, d: DiffLoraTask.from_config(cfg, d, torch_device()))
             interrupted = [j.id for j in _manager.list() if j.status.state.value == "interrupted"]
             if interrupted:
                 log.info("IDLoRA: %d interrupted job(s) can be resumed: %s", len(interrupted), interrupted)

@@ -33,3 +33,4 @@ class LoraNameOutput(io.Output):
 FaceEmbedderHandle = io.Custom("IDLORA_FACE_EMBEDDER")  # a training.evaluate.FaceEmbedderHandle
 MetricsHandle = io.Custom("IDLORA_METRICS")  # dict: metric name -> training.metrics.MetricResult.as_dict()
 MetaDownHandle = io.Custom("IDLORA_META_DOWN")  # {"weights", "meta", "path", "name"} of a Meta-Down file
+DiffLoraHandle = io.Custom("IDLORA_DIFFLORA")  # a training.difflora.DiffLora (LAE + DiT + layout) on the torch device

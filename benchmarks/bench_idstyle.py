@@ -52,6 +52,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
+    timed_steps,
     ALLOC_ENV, CONTENDED, CONTEXT_DIM, LEARNING_RATE, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _fill_seeded,
     _inputs, _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, cpu_model,
     matmul_peak_gflops, spawn, summarize, add_run_args, report_failures, write_results,
@@ -176,7 +177,6 @@ def _flop_split(fc, names: dict[str, str]) -> dict[str, float]:
 
 def run_row(spec: dict) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     with tempfile.TemporaryDirectory(prefix="bench_idstyle_") as base_dir:
         _setup_comfy(base_dir)
@@ -222,15 +222,7 @@ def run_row(spec: dict) -> dict:
             parts.update(decoder=type(decoder).__name__, arcface=type(embed).__name__)
         trainable = sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)
         rss_start = _proc_status_mb("VmRSS")
-        times, cpu = [], []
-        with trainer.session():
-            for _ in range(spec["warmup"] + spec["steps"]):
-                w0, c0 = time.perf_counter(), time.process_time()
-                trainer.train_step()
-                times.append(time.perf_counter() - w0)
-                cpu.append(time.process_time() - c0)
-            with FlopCounterMode(display=False) as fc:
-                trainer.train_step()
+        times, cpu, fc = timed_steps(trainer, spec["warmup"] + spec["steps"])
         applied = len(getattr(trainer, "identity_values", []))
         if kind == "identity" and applied != n_steps:
             raise RuntimeError(f"the identity term was applied on {applied} of {n_steps} steps; every step must "

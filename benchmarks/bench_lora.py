@@ -104,6 +104,22 @@ def _proc_status_mb(field: str) -> float:
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
+def timed_steps(trainer, n: int):
+    """Run ``n`` training steps inside the trainer's session, then one more under FlopCounterMode: (wall seconds per
+    step, CPU seconds per step, the FlopCounterMode of the extra step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    times, cpu = [], []
+    with trainer.session():
+        for _ in range(n):
+            w0, c0 = time.perf_counter(), time.process_time()
+            trainer.train_step()
+            times.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+        with FlopCounterMode(display=False) as fc:
+            trainer.train_step()
+    return times, cpu, fc
+
+
 
 def _setup_paths() -> None:
     tools = str(ROOT / "tools")
@@ -208,7 +224,6 @@ def _n_params(module) -> int:
 
 
 def run_idlora(spec: dict) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
 
     with tempfile.TemporaryDirectory(prefix="bench_comfy_") as base_dir:
         _setup_comfy(base_dir)
@@ -229,15 +244,7 @@ def run_idlora(spec: dict) -> dict:
         trainer = LoraTrainer(model, data, cfg)
         trainable = sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)
         rss_start = _proc_status_mb("VmRSS")
-        times, cpu = [], []
-        with trainer.session():
-            for _ in range(spec["warmup"] + spec["steps"]):
-                w0, c0 = time.perf_counter(), time.process_time()
-                trainer.train_step()
-                times.append(time.perf_counter() - w0)
-                cpu.append(time.process_time() - c0)
-            with FlopCounterMode(display=False) as fc:
-                trainer.train_step()
+        times, cpu, fc = timed_steps(trainer, spec["warmup"] + spec["steps"])
         return dict(times=times, cpu=cpu, flops=fc.get_total_flops(), trainable=trainable,
                     base_params=_n_params(model.denoiser), rss_start=rss_start,
                     layers=len(trainer.network.names), losses=trainer.losses)

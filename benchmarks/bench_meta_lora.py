@@ -68,6 +68,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
+    timed_steps,
     ALLOC_ENV, CONTENDED, CONTEXT_DIM, FULL_SD15_UNET, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
     _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, cpu_model,
     matmul_peak_gflops, spawn, summarize, write_results,
@@ -625,7 +626,6 @@ def _random_meta_down(targets: dict, r1: int, device: str = "cpu", seed: int = 0
 
 def run_speed(spec: dict) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     with tempfile.TemporaryDirectory(prefix="bench_comfy_") as base_dir:
         if spec["model"] == "sd15":
@@ -658,15 +658,7 @@ def run_speed(spec: dict) -> dict:
                                            _random_meta_down(targets, spec["r1"]), meta)
         trainable = sum(p.numel() for p in trainer.trainable_parameters())
         rss_start = _proc_status_mb("VmRSS")
-        times, cpu = [], []
-        with trainer.session():
-            for _ in range(spec["warmup"] + spec["steps"]):
-                w0, c0 = time.perf_counter(), time.process_time()
-                trainer.train_step()
-                times.append(time.perf_counter() - w0)
-                cpu.append(time.process_time() - c0)
-            with FlopCounterMode(display=False) as fc:
-                trainer.train_step()
+        times, cpu, fc = timed_steps(trainer, spec["warmup"] + spec["steps"])
         return dict(times=times, cpu=cpu, flops=fc.get_total_flops(), trainable=trainable,
                     layers=len(trainer.network.names), rss_start=rss_start, losses=trainer.losses)
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, fmt_duration, init_distributed, setup_logging, trim_sync_log  # noqa: E402
+from meta_lora_stage1 import InputError, init_distributed, setup_logging, train_steps  # noqa: E402
 
 log = logging.getLogger("idlora.difflora_train")
 
@@ -212,27 +212,6 @@ def load_checkpoint(trainer, a: argparse.Namespace, rank: int, fp: dict) -> None
 
 # -- sync check ------------------------------------------------------------------------------------------
 
-def checksum(module):
-    """Per parameter: its sum, its sum of absolute values and its first 4 values (float64)."""
-    import torch
-    parts = []
-    for p in module.parameters():
-        v = p.detach().double().flatten()
-        parts += [v.sum().reshape(1), v.abs().sum().reshape(1), v[:4]]
-    return torch.cat(parts)
-
-
-def sync_max_diff(module, world: int, device) -> float:
-    import torch
-    import torch.distributed as dist
-    if world == 1:
-        return 0.0
-    mine = checksum(module).to(device)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine)
-    return max(float((g - gathered[0]).abs().max()) for g in gathered[1:])
-
-
 def same_on_every_process(value, world: int, what: str) -> None:
     import torch.distributed as dist
     if world == 1:
@@ -311,39 +290,9 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
                                  f"while writing them): start a new run")
         log.info("resumed at step %d", trainer.step)
 
-    sync = sync_path(a)
-    if a.sync_log and rank == 0:
-        sync.parent.mkdir(parents=True, exist_ok=True)
-        if a.resume:
-            trim_sync_log(sync, trainer.step)
-        if not sync.exists() or not a.resume:
-            sync.write_text("step\tmax_diff\n")
-
-    stop = min(cfg.steps, a.stop_after) if a.stop_after else cfg.steps
-    t_log, s_log, warned = time.perf_counter(), trainer.step, False
     with torch.inference_mode(False), torch.enable_grad():
-        while trainer.step < stop:
-            loss = trainer.train_step()
-            step = trainer.step
-            due = (a.checkpoint_every and step % a.checkpoint_every == 0) or step == stop
-            diff = None
-            if a.sync_log or (due and world > 1):
-                diff = sync_max_diff(trainer.module, world, coll_device)
-            if a.sync_log and rank == 0:
-                with sync.open("a") as f:
-                    f.write(f"{step}\t{diff:.9g}\n")
-            if diff and rank == 0 and (due or not warned):
-                log.warning("the processes' weights differ at step %d (checksum difference %.3g): the gradients are "
-                            "not applied identically on every process", step, diff)
-                warned = True
-            if step % a.log_every == 0 or step == stop:
-                dt = (time.perf_counter() - t_log) / max(1, step - s_log)
-                recent = trainer.losses[-(step - s_log):] if step > s_log else [loss]
-                log.info("step %d/%d  loss %.5f (mean of %d)  %.3f s/step  ETA %s", step, cfg.steps,
-                         sum(recent) / len(recent), len(recent), dt, fmt_duration(dt * (cfg.steps - step)))
-                t_log, s_log = time.perf_counter(), step
-            if due:
-                save_checkpoint(trainer, a, rank, fp)
+        train_steps(trainer, lambda: list(trainer.module.parameters()), a, cfg.steps, world, rank, coll_device,
+                    sync_path(a), lambda: save_checkpoint(trainer, a, rank, fp), "weights")
     trainer.module.eval()
 
     if trainer.step < cfg.steps:

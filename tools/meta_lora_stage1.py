@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
@@ -203,25 +204,68 @@ def load_checkpoint(trainer, out: Path, rank: int, fp: dict) -> None:
 
 # -- sync check ----------------------------------------------------------------------------------------
 
-def meta_down_checksum(network):
-    """Per Meta-Down tensor: its sum, its sum of absolute values and its first 4 values (float64)."""
+def tensor_checksum(tensors):
+    """Per tensor: its sum, its sum of absolute values and its first 4 values (float64)."""
     import torch
     parts = []
-    for t in network.meta_down.values():
+    for t in tensors:
         v = t.detach().double().flatten()
         parts += [v.sum().reshape(1), v.abs().sum().reshape(1), v[:4]]
     return torch.cat(parts)
 
 
-def sync_max_diff(network, world: int, device) -> float:
+def sync_max_diff(tensors, world: int, device) -> float:
+    """The largest difference of ``tensor_checksum(tensors)`` between this process and process 0's."""
     import torch
     import torch.distributed as dist
-    mine = meta_down_checksum(network).to(device)
+    mine = tensor_checksum(tensors).to(device)
     if world == 1:
         return 0.0
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine)
     return max(float((g - gathered[0]).abs().max()) for g in gathered[1:])
+
+
+def start_sync_log(path: Path, a: argparse.Namespace, step: int, rank: int) -> None:
+    if a.sync_log and rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if a.resume:
+            trim_sync_log(path, step)
+        if not path.exists() or not a.resume:
+            path.write_text("step\tmax_diff\n")
+
+
+def train_steps(trainer, synced, a: argparse.Namespace, total: int, world: int, rank: int, coll_device,
+                sync_path: Path, save: Callable[[], None], what: str) -> None:
+    """The step loop of the torchrun tools: train up to --stop-after / ``total``; compare the checksums of the
+    ``synced()`` tensors across processes after every step (--sync-log, written to ``sync_path``) or at every
+    checkpoint, warning when they differ; log the loss and ETA every --log-every steps; ``save()`` every
+    --checkpoint-every steps and at the end."""
+    start_sync_log(sync_path, a, trainer.step, rank)
+    stop = min(total, a.stop_after) if a.stop_after else total
+    t_log, s_log, warned = time.perf_counter(), trainer.step, False
+    while trainer.step < stop:
+        loss = trainer.train_step()
+        step = trainer.step
+        due = (a.checkpoint_every and step % a.checkpoint_every == 0) or step == stop
+        diff = None
+        if a.sync_log or (due and world > 1):  # without --sync-log: at every checkpoint
+            diff = sync_max_diff(synced(), world, coll_device)
+        if a.sync_log and rank == 0:
+            with sync_path.open("a") as f:
+                f.write(f"{step}\t{diff:.9g}\n")
+        if diff and rank == 0 and (due or not warned):
+            log.warning("the processes' %s differ at step %d (checksum difference %.3g): the gradients are not "
+                        "applied identically on every process", what, step, diff)
+            warned = True
+        if step % a.log_every == 0 or step == stop:
+            dt = (time.perf_counter() - t_log) / max(1, step - s_log)
+            recent = trainer.losses[-(step - s_log):] if step > s_log else [loss]
+            log.info("step %d/%d  loss %.5f (mean of %d)  %.3f s/step  ETA %s", step, total,
+                     sum(recent) / len(recent), len(recent), dt, fmt_duration(dt * (total - step)))
+            t_log, s_log = time.perf_counter(), step
+        if due:
+            save()
 
 
 def trim_sync_log(path: Path, step: int) -> None:
@@ -307,40 +351,9 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
                  "%d target layers", len(trainer.my_ids), trainer.q_bucket, trainer.q_warmup,
                  trainer.network.n_slots, cfg.r1, cfg.rank, len(trainer.network.names))
 
-        sync_path = out / SYNC_FILE
-        if a.sync_log and rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            if a.resume:
-                trim_sync_log(sync_path, trainer.step)
-            if not sync_path.exists() or not a.resume:
-                sync_path.write_text("step\tmax_diff\n")
-
-        stop = min(cfg.steps, a.stop_after) if a.stop_after else cfg.steps
-        t_log, s_log = time.perf_counter(), trainer.step
-        warned_drift = False
         with trainer.session():
-            while trainer.step < stop:
-                loss = trainer.train_step()
-                step = trainer.step
-                checkpoint_due = (a.checkpoint_every and step % a.checkpoint_every == 0) or step == stop
-                diff = None
-                if a.sync_log or (checkpoint_due and world > 1):  # without --sync-log: at every checkpoint
-                    diff = sync_max_diff(trainer.network, world, coll_device)
-                if a.sync_log and rank == 0:
-                    with sync_path.open("a") as f:
-                        f.write(f"{step}\t{diff:.9g}\n")
-                if diff and rank == 0 and (checkpoint_due or not warned_drift):
-                    log.warning("the processes' Meta-Downs differ at step %d (checksum difference %.3g): the "
-                                "Meta-Down gradient is not applied identically on every process", step, diff)
-                    warned_drift = True
-                if step % a.log_every == 0 or step == stop:
-                    dt = (time.perf_counter() - t_log) / max(1, step - s_log)
-                    recent = trainer.losses[-(step - s_log):] if step > s_log else [loss]
-                    log.info("step %d/%d  loss %.4f (mean of %d)  %.3f s/step  ETA %s", step, cfg.steps,
-                             sum(recent) / len(recent), len(recent), dt, fmt_duration(dt * (cfg.steps - step)))
-                    t_log, s_log = time.perf_counter(), step
-                if checkpoint_due:
-                    save_checkpoint(trainer, out, rank, fp)
+            train_steps(trainer, lambda: trainer.network.meta_down.values(), a, cfg.steps, world, rank, coll_device,
+                        out / SYNC_FILE, lambda: save_checkpoint(trainer, out, rank, fp), "Meta-Downs")
 
         if trainer.step < cfg.steps:
             log.info("stopped after step %d (--stop-after); continue with --resume", trainer.step)

@@ -88,7 +88,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -96,9 +95,9 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
-    timed_steps,
+    run_child, timed_steps,
     ALLOC_ENV, CONTENDED, FULL_UNETS, ROOT, SEED, THREADS, _comfy_patcher, _inputs,
-    _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, add_run_args, cpu_model,
+    _proc_status_mb, _setup_comfy, add_run_args, cpu_model,
     matmul_peak_gflops, report_failures, spawn, summarize, write_results,
 )
 from bench_meta_lora import (  # noqa: E402  (Meta-LoRA's step counts, pack import, random Meta-Down)
@@ -569,28 +568,9 @@ def run_reconstruction(spec: dict) -> dict:
 
 
 def child_main(spec: dict, result_path: str) -> int:
-    import torch
-
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(SEED)
-    _setup_paths()
-    _register_cpu_sdpa_flops()
-    runner = {"difflora": run_difflora, "trainer": run_trainer, "embed": run_embed, "compression": run_compression,
-              "steps": run_steps, "reconstruction": run_reconstruction}[spec["part"]]
-    try:
-        res = runner(spec)
-        res["ok"] = True
-    except Exception as e:  # reported by the parent, which then exits non-zero
-        trace = traceback.format_exc()
-        sys.stderr.write(trace)
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": trace.strip().splitlines()[-12:]}
-    res["peak_rss_mb"] = _peak_rss_mb()
-    res["threads"] = torch.get_num_threads()
-    res["alloc_env"] = {k: os.environ.get(k) for k in ALLOC_ENV}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    Path(result_path).write_text(json.dumps(res))
-    return 0 if res["ok"] else 1
+    return run_child({"difflora": run_difflora, "trainer": run_trainer, "embed": run_embed, "compression": run_compression,
+                       "steps": run_steps, "reconstruction": run_reconstruction}[spec["part"]], spec,
+                     result_path)
 
 
 # =====================================================================================================

@@ -49,7 +49,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -58,8 +57,9 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
+    run_child,
     ALLOC_ENV, CONTENDED, CONTEXT_DIM, FULL_UNETS, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
-    _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, cpu_model,
+    _proc_status_mb, _setup_comfy, cpu_model,
     matmul_peak_gflops, spawn, summarize, add_run_args, report_failures, write_results,
 )
 
@@ -367,26 +367,8 @@ def run_quality(spec: dict) -> dict:
 
 
 def child_main(spec: dict, result_path: str) -> int:
-    import torch
-
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(SEED)
-    _setup_paths()
-    _register_cpu_sdpa_flops()
-    runner = {"speed": run_speed, "params": run_params, "quality": run_quality}[spec["part"]]
-    try:
-        res = runner(spec)
-        res["ok"] = True
-    except Exception as e:  # reported by the parent, which then exits non-zero
-        trace = traceback.format_exc()
-        sys.stderr.write(trace)
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": trace.strip().splitlines()[-12:]}
-    res["peak_rss_mb"] = _peak_rss_mb()
-    res["vm_hwm_mb"] = _proc_status_mb("VmHWM")
-    res["threads"] = torch.get_num_threads()
-    res["alloc_env"] = {k: os.environ.get(k) for k in ALLOC_ENV}
-    Path(result_path).write_text(json.dumps(res))
-    return 0 if res["ok"] else 1
+    return run_child({"speed": run_speed, "params": run_params, "quality": run_quality}[spec["part"]], spec,
+                     result_path)
 
 
 # =====================================================================================================

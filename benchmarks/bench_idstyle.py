@@ -44,7 +44,6 @@ import platform
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -52,9 +51,9 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
-    timed_steps,
+    run_child, timed_steps,
     ALLOC_ENV, CONTENDED, CONTEXT_DIM, LEARNING_RATE, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _fill_seeded,
-    _inputs, _peak_rss_mb, _proc_status_mb, _register_cpu_sdpa_flops, _setup_comfy, _setup_paths, cpu_model,
+    _inputs, _proc_status_mb, _setup_comfy, _setup_paths, cpu_model,
     matmul_peak_gflops, spawn, summarize, add_run_args, report_failures, write_results,
 )
 
@@ -234,25 +233,8 @@ def run_row(spec: dict) -> dict:
 
 
 def child_main(spec: dict, result_path: str) -> int:
-    import torch
-
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(SEED)
-    _setup_paths()
-    _register_cpu_sdpa_flops()
-    try:
-        res = run_row(spec)
-        res["ok"] = True
-    except Exception as e:  # reported by the parent, which then exits non-zero
-        trace = traceback.format_exc()
-        sys.stderr.write(trace)
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": trace.strip().splitlines()[-12:]}
-    res["peak_rss_mb"] = _peak_rss_mb()
-    res["vm_hwm_mb"] = _proc_status_mb("VmHWM")
-    res["threads"] = torch.get_num_threads()
-    res["alloc_env"] = {k: os.environ.get(k) for k in ALLOC_ENV}
-    Path(result_path).write_text(json.dumps(res))
-    return 0 if res["ok"] else 1
+    return run_child(run_row, spec,
+                     result_path)
 
 
 # =====================================================================================================

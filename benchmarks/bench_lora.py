@@ -368,26 +368,36 @@ def run_peft(spec: dict) -> dict:
                 rss_start=rss_start, losses=losses)
 
 
-def child_main(spec: dict, result_path: str) -> int:
+def run_child(runner, spec: dict, result_path: str) -> int:
+    """A benchmark child process: the shared settings (threads, seed, paths, SDPA FLOP formulas), ``runner(spec)``,
+    and its result with the process's peak memory written to ``result_path`` as JSON. A failure becomes a result
+    with the error (the parent reports it and exits non-zero), never a crash without one."""
     import torch
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
     _setup_paths()
     _register_cpu_sdpa_flops()
-    runner = {"idlora": run_idlora, "comfy": run_comfy, "peft": run_peft}[spec["trainer"]]
     try:
         res = runner(spec)
         res["ok"] = True
-    except Exception as e:  # reported as a "failed" row by the parent, not a crash
-        traceback.print_exc()
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # reported by the parent, which then exits non-zero
+        trace = traceback.format_exc()
+        sys.stderr.write(trace)
+        res = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": trace.strip().splitlines()[-12:]}
     res["peak_rss_mb"] = _peak_rss_mb()
     res["vm_hwm_mb"] = _proc_status_mb("VmHWM")
     res["threads"] = torch.get_num_threads()
     res["alloc_env"] = {k: os.environ.get(k) for k in ALLOC_ENV}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        res["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     Path(result_path).write_text(json.dumps(res))
     return 0 if res["ok"] else 1
+
+
+def child_main(spec: dict, result_path: str) -> int:
+    return run_child({"idlora": run_idlora, "comfy": run_comfy, "peft": run_peft}[spec["trainer"]], spec,
+                     result_path)
 
 
 # =====================================================================================================

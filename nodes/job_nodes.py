@@ -23,7 +23,9 @@ NAMED = ("meta_down", "dataset", "lae", "difflora")
 
 def _job_id(job: str) -> str:
     if not job:
-        raise ValueError("job is empty: connect the 'job' output of a training node set to mode 'background'")
+        raise ValueError("job is empty: connect the 'job' output of a training node set to mode 'background' "
+                         "(IDLoRA Build LoRA Dataset gives an empty job when every identity is already built: then "
+                         "there is nothing to wait for)")
     return job
 
 

@@ -15,15 +15,16 @@ from ..models.lora import PRESETS
 from ..training import evaluate as ev
 from ..training.lora_format import sanitize_save_name
 from ..training.meta_augment import AugmentConfig, augment, largest_face_box, preview_sheet
+from ..training.lora_format import LoraBundle
 from ..training.meta_lora import (CropData, MetaLoraPersonalizer, MetaStage1Config, MetaStage2Config,
-                                  load_meta_down)
+                                  check_meta_down, load_meta_down, match_init_lora)
 from ..training.meta_lora_data import encode_identity_set, labels_to_identities, load_images, scan_identity_folder
 from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
 from .comfy_adapter import ComfyDiffusion
 from .job_service import load_private_model, manager
 from .lora_nodes import background_inputs, lora_job_outputs, progress_callback, start_lora_job
-from .types import JobHandle, LoraNameOutput, MetaDownHandle
+from .types import JobHandle, LoraHandle, LoraNameOutput, MetaDownHandle
 
 log = logging.getLogger(__name__)
 CATEGORY = "IDLoRA/meta-lora"
@@ -200,6 +201,13 @@ class MetaPersonalize(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of init, crops order, noise."),
                 *_aug_inputs(),
                 *background_inputs("idlora_meta_lora"),
+                LoraHandle.Input("init_lora", optional=True,
+                                 tooltip="Optional: start from this LoRA instead of from scratch (e.g. a "
+                                         "DiffLoRA-sampled LoRA, refined with a few steps). It needs rank r2 and "
+                                         "exactly the Meta-Down's layers. Up = its up (scaled), Mid = its down "
+                                         "projected onto the Meta-Down (least squares): the start equals it when "
+                                         "its down lies in the Meta-Down's row space, otherwise its projection; "
+                                         "the projection error is shown."),
             ],
             outputs=lora_job_outputs("collapsed"),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -211,27 +219,39 @@ class MetaPersonalize(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, photo, meta_down, prompt, r2, steps, learning_rate, seed, max_images=25,
-                resolution=512, mode="blocking", name="idlora_meta_lora") -> io.NodeOutput:
+                resolution=512, mode="blocking", name="idlora_meta_lora", init_lora=None) -> io.NodeOutput:
         if not isinstance(meta_down, dict) or "weights" not in meta_down:
             raise ValueError("meta_down is empty: connect IDLoRA Load Meta-Down")
         cfg = MetaStage2Config(steps=steps, learning_rate=learning_rate, rank=r2, seed=seed,
                                targets=meta_down["meta"].get("idlora_targets", "attn")).validate()
         aug = AugmentConfig(max_images=max_images, out_area=resolution * resolution, seed=seed).validate()
+        if init_lora is not None and not isinstance(init_lora, LoraBundle):
+            raise ValueError(f"init_lora is a {type(init_lora).__name__}, not a LoRA: connect an IDLoRA LoRA output "
+                             f"(e.g. IDLoRA DiffLoRA Sample or IDLoRA Load LoRA), or leave it unconnected")
         crops, _, _, _ = photo_crops(photo, aug)
         with torch.inference_mode(False):
             if mode == "background":
-                return cls.start_job(cfg, meta_down, encode_crops(ComfyDiffusion(model, clip, vae, load="none"),
-                                                                  crops, prompt), name)
+                diffusion = ComfyDiffusion(model, clip, vae, load="none")
+                init = None
+                if init_lora is not None:  # checked now, stored by module name in the job's data.pt
+                    targets = check_meta_down(meta_down["weights"], meta_down["meta"], diffusion)
+                    init = LoraBundle(match_init_lora(init_lora, targets, meta_down["weights"], cfg.rank))
+                return cls.start_job(cfg, meta_down, encode_crops(diffusion, crops, prompt), name, init)
             diffusion = ComfyDiffusion(model, clip, vae)
             data = encode_crops(diffusion, crops, prompt)
-            trainer = MetaLoraPersonalizer(diffusion, data, cfg, meta_down["weights"], meta_down["meta"])
+            trainer = MetaLoraPersonalizer(diffusion, data, cfg, meta_down["weights"], meta_down["meta"],
+                                           init_lora=init_lora)
             bundle = trainer.run(progress_callback(cfg.steps))
-        return io.NodeOutput(bundle, {"loss": trainer.losses}, "", ui={"text": [f"{len(crops)} crops"]})
+        text = f"{len(crops)} crops"
+        if trainer.init_report:
+            text += (f"; started from init_lora, relative projection error {trainer.init_report['delta_error']:.2e}"
+                     f" (worst layer down {trainer.init_report['down_error']:.2e})")
+        return io.NodeOutput(bundle, {"loss": trainer.losses}, "", ui={"text": [text]})
 
     @classmethod
-    def start_job(cls, cfg, meta_down, data, name) -> io.NodeOutput:
+    def start_job(cls, cfg, meta_down, data, name, init_lora=None) -> io.NodeOutput:
         return start_lora_job(cls, name, lambda path, lora_name, source: MetaPersonalizeTask(
-            cfg, meta_down["path"], path, lora_name, source, load_private_model, data))
+            cfg, meta_down["path"], path, lora_name, source, load_private_model, data, init_lora=init_lora))
 
 
 def encode_crops(diffusion, crops: list[np.ndarray], prompt: str) -> CropData:

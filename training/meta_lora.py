@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .lora_trainer import BASE_MODEL_VERSIONS, LoraTrainConfig, LoraTrainer, Tra
 PROMPT_TEMPLATES = ("a photo of {}", "a close-up photo of {}", "a portrait of {}", "a picture of {}",
                     "a cropped photo of {}", "a good photo of {}")
 META_DOWN_METHOD = "meta_lora_down"
+log = logging.getLogger(__name__)
 
 
 class MetaDownError(ValueError):
@@ -194,15 +196,95 @@ def check_meta_down(weights: dict[str, torch.Tensor], meta: dict[str, str], mode
 
 # -- stage 2 ---------------------------------------------------------------------------------------
 
+def match_init_lora(bundle: LoraBundle, targets: dict[str, nn.Module], meta_down: dict[str, torch.Tensor],
+                    r2: int, source: str = "init_lora") -> dict[str, LoraWeight]:
+    """{target module name: LoraWeight} of a LoRA to start stage 2 from; TrainingInputError naming what differs.
+
+    The LoRA must have exactly the Meta-Down's layers (its keys may be module paths or kohya / diffusers stems, as
+    ``lora_format.resolve`` reads them), rank r2 on every layer, and each layer's shapes must be the Meta-Down's
+    input shape and the layer's output size."""
+    if not isinstance(bundle, LoraBundle) or not bundle.weights:
+        raise TrainingInputError(f"{source} is not a LoRA with layers (got {type(bundle).__name__}): connect a LoRA "
+                                 f"(e.g. from IDLoRA DiffLoRA Sample or IDLoRA Load LoRA), or leave it unconnected")
+    from .lora_format import resolve
+    shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
+    resolved, report = resolve(bundle, shapes)
+    if report.shape_mismatch:
+        stem, got, want = report.shape_mismatch[0]
+        raise TrainingInputError(f"{source} layer {stem!r} has delta shape {tuple(got)}, the model's layer has "
+                                 f"{tuple(want)} ({len(report.shape_mismatch)} such layers): use a LoRA made for "
+                                 f"this base model")
+    if report.missing:
+        raise TrainingInputError(f"{source} has {len(report.missing)} layers the Meta-Down does not train (e.g. "
+                                 f"{report.missing[0]!r}): use a LoRA with the Meta-Down's targets "
+                                 f"({len(targets)} layers) only, or leave init_lora unconnected")
+    absent = [n for n in sorted(targets) if n not in resolved]
+    if absent:
+        raise TrainingInputError(f"{source} lacks {len(absent)} of the Meta-Down's {len(targets)} layers (e.g. "
+                                 f"{absent[0]!r}): use a LoRA trained on the same targets as the Meta-Down, or "
+                                 f"leave init_lora unconnected")
+    out = {}
+    for name in sorted(targets):
+        w, md = resolved[name], meta_down[name]
+        if w.rank != r2:
+            raise TrainingInputError(f"{source} layer {name!r} has rank {w.rank}, r2 = {r2}: set r2 to {w.rank}, or "
+                                     f"use a LoRA of rank {r2}")
+        if tuple(w.down.shape[1:]) != tuple(md.shape[1:]) and w.down[0].numel() != md[0].numel():
+            raise TrainingInputError(f"{source} layer {name!r} has down shape {tuple(w.down.shape)}, the Meta-Down "
+                                     f"{tuple(md.shape)}: their input sizes differ; use a LoRA made for this model")
+        out[name] = LoraWeight(w.down.reshape(w.rank, *md.shape[1:]), w.up, w.alpha)
+    return out
+
+
+@torch.no_grad()
+def init_from_lora(network: MetaLoraNetwork, weights: dict[str, LoraWeight], slot: int = 0) -> dict:
+    """Set one slot's Mid / Up so that its collapsed LoRA is the given LoRA projected onto the Meta-Down's row space.
+
+    With the given layer ``delta = s U D`` (s = alpha / rank) and the collapse ``delta = Up Mid MD`` (alpha = r2,
+    scale 1): ``Up = s U`` and ``Mid = D pinv(MD)`` (least squares), so ``Mid MD = D P`` with P the projection
+    onto the row space of MD. The start equals the given LoRA exactly when every D lies in that row space (e.g. a
+    LoRA collapsed from the same Meta-Down), otherwise it is its projection. ``weights`` comes from
+    ``match_init_lora``. Returns {"layers", "delta_error", "down_error", "worst_layer"}: the relative Frobenius
+    errors of all deltas together and of the worst layer's down."""
+    from ..models.lora import _key
+    num = den = 0.0
+    worst, worst_name = 0.0, ""
+    for name in network.names:
+        k, w = _key(name), weights[name]
+        md = network.meta_down[k].detach().double().cpu().flatten(1)           # (r1, d_in)
+        d = w.down.detach().double().cpu().reshape(w.rank, -1)                   # (r2, d_in)
+        u = w.up.detach().double().cpu().reshape(w.up.shape[0], w.rank) * w.scale
+        mid = d @ torch.linalg.pinv(md)                                          # (r2, r1)
+        rest = d - mid @ md
+        num += float((u @ rest).square().sum())
+        den += float((u @ d).square().sum())
+        dn = float(d.norm())
+        err = float(rest.norm()) / dn if dn > 0 else 0.0
+        if err >= worst:
+            worst, worst_name = err, name
+        network.mid[k][slot] = mid.to(network.mid[k].dtype).to(network.mid[k].device)
+        network.up[k][slot] = u.to(network.up[k].dtype).to(network.up[k].device)
+    delta_error = math.sqrt(num / den) if den > 0 else worst
+    return {"layers": len(network.names), "delta_error": delta_error, "down_error": worst, "worst_layer": worst_name}
+
+
 class MetaLoraPersonalizer(LoraTrainer):
-    """Stage 2: Mid and Up of one identity on the crops of one photo; Meta-Down frozen."""
+    """Stage 2: Mid and Up of one identity on the crops of one photo; Meta-Down frozen.
+
+    ``init_lora`` (optional, rank r2, the Meta-Down's layers): start from that LoRA instead of a fresh Mid and a
+    zero Up, e.g. to refine a DiffLoRA-sampled LoRA. The start is its projection onto the Meta-Down's row space
+    (exact when its downs lie there); ``init_report`` says how far off the projection is (see ``init_from_lora``).
+    """
 
     method = "meta_lora"
 
     def __init__(self, model: DiffusionModel, data: CropData, config: MetaStage2Config,
-                 meta_down: dict[str, torch.Tensor], meta: dict[str, str]):
+                 meta_down: dict[str, torch.Tensor], meta: dict[str, str], init_lora: LoraBundle | None = None):
         self.meta_down_weights, self.meta_down_meta = meta_down, meta
         self._targets = check_meta_down(meta_down, meta, model)
+        self.init_weights = None if init_lora is None else \
+            match_init_lora(init_lora, self._targets, meta_down, config.rank)
+        self.init_report: dict | None = None
         super().__init__(model, data, config)
 
     def build_network(self, targets) -> MetaLoraNetwork:
@@ -212,6 +294,11 @@ class MetaLoraPersonalizer(LoraTrainer):
             for name, k in zip(net.names, net.meta_down.keys()):
                 net.meta_down[k].copy_(self.meta_down_weights[name])
         net.meta_down.requires_grad_(False)
+        if self.init_weights is not None:
+            self.init_report = init_from_lora(net, self.init_weights)
+            r = self.init_report
+            log.info("Meta-LoRA stage 2 starts from init_lora: %d layers, relative projection error of the delta "
+                     "%.2e (worst down %.2e at %s)", r["layers"], r["delta_error"], r["down_error"], r["worst_layer"])
         return net
 
     def alphas(self) -> dict[str, float]:
@@ -222,6 +309,8 @@ class MetaLoraPersonalizer(LoraTrainer):
         meta.update(idlora_ranks=json.dumps({"r1": self.network.r1, "r2": self.cfg.rank}),
                     idlora_targets=self.meta_down_meta.get("idlora_targets", ""),
                     idlora_meta_down=self.meta_down_meta.get("idlora_name", ""))
+        if self.init_report is not None:
+            meta["idlora_init_lora"] = json.dumps(self.init_report)
         return meta
 
     def bundle(self) -> LoraBundle:

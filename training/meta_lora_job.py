@@ -14,7 +14,7 @@ import torch
 
 from .diffusion import DiffusionModel
 from .fileio import atomic_path
-from .lora_format import save_lora
+from .lora_format import LoraBundle, LoraWeight, save_lora
 from .meta_lora import (CropData, IdentitySet, MetaLoraPersonalizer, MetaLoraStage1, MetaStage1Config,
                         MetaStage2Config, load_meta_down, save_meta_down)
 
@@ -76,31 +76,40 @@ class MetaPersonalizeTask:
 
     def __init__(self, cfg: MetaStage2Config, meta_down_path: str, output_path: str, lora_name: str,
                  model_source: dict, model_loader: ModelLoader, data: CropData | None = None,
-                 sample_every: int = 0):
+                 sample_every: int = 0, init_lora: LoraBundle | None = None):
+        """``init_lora``: the LoRA stage 2 starts from (see MetaLoraPersonalizer); kept in the job's data.pt."""
         self.cfg, self.data, self.model_loader = cfg.validate(), data, model_loader
+        self.init_lora = init_lora
         self.config = {"train": asdict(cfg), "meta_down_path": meta_down_path, "output_path": output_path,
                        "lora_name": lora_name, "model_source": model_source, "sample_every": int(sample_every)}
 
     @classmethod
     def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "MetaPersonalizeTask":
         d = _load(job_dir)
+        init = d.get("init_lora")
+        init = None if init is None else LoraBundle(
+            {n: LoraWeight(w["down"], w["up"], w["alpha"]) for n, w in init.items()})
         return cls(MetaStage2Config.from_dict(config["train"]), config["meta_down_path"], config["output_path"],
                    config["lora_name"], config["model_source"], model_loader, CropData(d["latents"], d["conds"]),
-                   config.get("sample_every", 0))
+                   config.get("sample_every", 0), init)
 
     def prepare(self, job_dir: Path) -> None:
+        init = None if self.init_lora is None else {
+            n: {"down": w.down.detach().cpu(), "up": w.up.detach().cpu(), "alpha": w.alpha}
+            for n, w in self.init_lora.weights.items()}
         _save({"latents": [x.cpu() for x in self.data.latents],
-               "conds": [{k: v.cpu() for k, v in c.items()} for c in self.data.conds]}, job_dir)
+               "conds": [{k: v.cpu() for k, v in c.items()} for c in self.data.conds], "init_lora": init}, job_dir)
 
     def run(self, ctx) -> dict:
         model = self.model_loader(self.config["model_source"])
         data = CropData([x.to(model.device) for x in self.data.latents],
                         [{k: v.to(model.device) for k, v in c.items()} for c in self.data.conds])
         weights, meta = load_meta_down(self.config["meta_down_path"])
-        trainer = MetaLoraPersonalizer(model, data, self.cfg, weights, meta)
+        trainer = MetaLoraPersonalizer(model, data, self.cfg, weights, meta, init_lora=self.init_lora)
         trainer.run_in_job(ctx, "personalize", self.config["sample_every"])
         bundle = trainer.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
         save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32)
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
-                "final_loss": trainer.losses[-1] if trainer.losses else None}
+                "final_loss": trainer.losses[-1] if trainer.losses else None,
+                "init_projection_error": trainer.init_report["delta_error"] if trainer.init_report else None}

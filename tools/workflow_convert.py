@@ -36,6 +36,12 @@ def _is_widget(typ: object) -> bool:
     return isinstance(typ, list) or typ in WIDGET_TYPES
 
 
+def _has_control(name: str, typ: object, opts: dict) -> bool:
+    """Whether the frontend stores a 'control after generate' value after this widget: asked for by the node, or,
+    unless the node says otherwise, every INT named seed or noise_seed (the frontend's own default rule)."""
+    return bool(opts.get("control_after_generate", typ == "INT" and name in ("seed", "noise_seed")))
+
+
 def _widget_values(node: dict, spec: dict) -> list:
     values = []
     for name, typ, opts in _inputs(spec):
@@ -47,7 +53,7 @@ def _widget_values(node: dict, spec: dict) -> list:
         if v is None:
             v = opts.get("default")
         values.append(v)
-        if opts.get("control_after_generate"):
+        if _has_control(name, typ, opts):
             values.append(SEED_CONTROL)
         if opts.get("image_upload"):
             values.append("image")
@@ -131,7 +137,7 @@ def to_api(ui: dict, info: dict) -> dict:
         for name, typ, opts in _inputs(spec):
             if _is_widget(typ):
                 v = values.pop(0) if values else opts.get("default")
-                if opts.get("control_after_generate") and values:
+                if _has_control(name, typ, opts) and values:
                     values.pop(0)
                 if opts.get("image_upload") and values:
                     values.pop(0)

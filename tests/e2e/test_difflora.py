@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageOps
 
-from server_util import last_error
+from server_util import ended, job_status, last_error, wait_for
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,26 +84,6 @@ def chain() -> dict:
     }
 
 
-def job(srv, job_id: str) -> dict:
-    code, body = srv.get(f"/idlora/jobs/{job_id}")
-    assert code == 200, body
-    return body
-
-
-def wait_for(srv, job_id: str, cond, timeout: float = 120) -> dict:
-    t = time.time()
-    while time.time() - t < timeout:
-        st = job(srv, job_id)
-        if cond(st):
-            return st
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id}: {job(srv, job_id)}")
-
-
-def ended(st: dict) -> bool:
-    return st["state"] in ("succeeded", "failed", "cancelled", "interrupted")
-
-
 def ok(hist: dict) -> None:
     assert hist.get("status", {}).get("status_str") == "success", json.dumps(hist.get("status"))[:3000]
 
@@ -116,15 +95,15 @@ def test_training_chain_then_sampling(srv, ids):
     ok(hist)
     out = hist["outputs"]
     assert out["3"]["text"] == ["3 identities: 3 to train, 0 finished"]
-    build = job(srv, out["3"]["idlora_job"][0])
+    build = job_status(srv, out["3"]["idlora_job"][0])
     assert build["kind"] == "lora_dataset" and build["state"] == "succeeded"
     assert build["result"]["trained"] == ["astro", "obama", "obama3"] and build["step"] == 9
     dataset = srv.base / "models" / "idlora" / "lora_datasets" / "dl_e2e"
     assert Path(build["result"]["dataset"]) == dataset and (dataset / "manifest.json").exists()
-    lae = job(srv, out["4"]["idlora_job"][0])
+    lae = job_status(srv, out["4"]["idlora_job"][0])
     assert lae["kind"] == "difflora_lae" and lae["result"]["lae"] == "dl_lae.safetensors"
     assert lae["result"]["compression"] > 1 and lae["result"]["relative_error_mean"] >= 0
-    dit = job(srv, out["5"]["idlora_job"][0])
+    dit = job_status(srv, out["5"]["idlora_job"][0])
     assert dit["kind"] == "difflora_dit" and dit["state"] == "succeeded" and dit["step"] == 20
     model = load_difflora(srv.base / "models" / "difflora" / "dl_difflora.safetensors")
     assert model.dit is not None and model.meta["identities"] == 3 and model.meta["base_model"] == "sd15"

@@ -14,6 +14,7 @@ import websocket
 from safetensors.torch import load_file
 
 import server_util
+from server_util import ended, job_status, wait_for
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,26 +23,6 @@ RESUME_TOL = 1e-6  # max abs difference of any LoRA tensor, resumed vs uninterru
 
 SERVER_ENV = {"IDLORA_CHECKPOINT_EVERY": "5"}
 start_job = server_util.start_job
-
-
-def status(srv, job_id: str) -> dict:
-    code, body = srv.get(f"/idlora/jobs/{job_id}")
-    assert code == 200, body
-    return body
-
-
-def wait_for(srv, job_id: str, cond, timeout: float = 300) -> dict:
-    t = time.time()
-    while time.time() - t < timeout:
-        st = status(srv, job_id)
-        if cond(st):
-            return st
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id}: {status(srv, job_id)}")
-
-
-def done(st: dict) -> bool:
-    return st["state"] in ("succeeded", "failed", "cancelled", "interrupted")
 
 
 def lora_tensors(base: Path, name: str) -> dict:
@@ -69,19 +50,19 @@ def test_events_cancel_resume_equals_uninterrupted(srv, server_base):
     threading.Thread(target=listen, daemon=True).start()
 
     ref = start_job(srv, "ref_run", steps=30)
-    wait_for(srv, ref, done)
+    wait_for(srv, ref, ended)
     job = start_job(srv, "cut_run", steps=30)
     wait_for(srv, job, lambda s: s["step"] >= 8)
     code, body = srv.request("POST", f"/idlora/jobs/{job}/cancel")
     assert code == 200, body
-    st = wait_for(srv, job, done)
+    st = wait_for(srv, job, ended)
     assert st["state"] == "cancelled" and st["step"] < 30
     assert (Path(st["folder"]) / "checkpoint.pt").exists()
     assert not (base / "models" / "loras" / "idlora" / "cut_run.safetensors").exists()
 
     code, body = srv.request("POST", f"/idlora/jobs/{job}/resume")
     assert code == 200 and body["state"] == "queued", body
-    st = wait_for(srv, job, done)
+    st = wait_for(srv, job, ended)
     assert st["state"] == "succeeded" and st["resumes"] == 1 and st["step"] == 30, st
     a, b = lora_tensors(base, "ref_run"), lora_tensors(base, "cut_run")
     assert a.keys() == b.keys()
@@ -102,7 +83,7 @@ def test_events_cancel_resume_equals_uninterrupted(srv, server_base):
 def test_two_jobs_never_run_at_once(srv):
     a = start_job(srv, "seq_a", steps=15)
     b = start_job(srv, "seq_b", steps=15)
-    sa, sb = wait_for(srv, a, done), wait_for(srv, b, done)
+    sa, sb = wait_for(srv, a, ended), wait_for(srv, b, ended)
     assert sa["state"] == sb["state"] == "succeeded"
     assert sa["finished"] <= sb["started"]
 
@@ -118,9 +99,9 @@ def test_generation_completes_while_a_job_trains(srv):
     gen["8"]["inputs"].update(width=64, height=64)
     hist, _ = srv.run(gen, timeout=300)
     assert hist["status"]["status_str"] == "success"
-    assert status(srv, job)["state"] == "running", "the generation finished while the job was still training"
+    assert job_status(srv, job)["state"] == "running", "the generation finished while the job was still training"
     srv.request("POST", f"/idlora/jobs/{job}/cancel")
-    wait_for(srv, job, done)
+    wait_for(srv, job, ended)
 
 
 def test_route_errors(srv):
@@ -129,7 +110,7 @@ def test_route_errors(srv):
     code, body = srv.request("POST", "/idlora/jobs/nope/cancel")
     assert code == 404
     job = start_job(srv, "errs", steps=3)
-    wait_for(srv, job, done)
+    wait_for(srv, job, ended)
     for q in ("since_step=abc", "stride=0", "since_step=-1"):
         code, body = srv.get(f"/idlora/jobs/{job}/loss?{q}")
         assert code == 400 and body["error"], (q, body)
@@ -151,12 +132,12 @@ def test_kill_9_then_restart_shows_interrupted_and_resumes(tmp_path):
     s1.proc.wait(10)
     s2 = server_util.start(base, comfy_dir(), env={"IDLORA_CHECKPOINT_EVERY": "5"})
     try:
-        st = status(s2, job)
+        st = job_status(s2, job)
         assert st["state"] == "interrupted" and "stopped" in st["error"]
         assert not (base / "models" / "loras" / "idlora" / "crash.safetensors").exists()
         code, body = s2.request("POST", f"/idlora/jobs/{job}/resume")
         assert code == 200, body
-        st = wait_for(s2, job, done)
+        st = wait_for(s2, job, ended)
         assert st["state"] == "succeeded" and st["step"] == 60, st
         assert (base / "models" / "loras" / "idlora" / "crash.safetensors").exists()
         steps = [r["step"] for r in s2.get(f"/idlora/jobs/{job}/loss")[1]["losses"]]
@@ -179,6 +160,6 @@ def test_comfy_cancel_stops_the_waiting_not_the_job(srv):
     t.join(60)
     assert result["hist"]["status"]["status_str"] == "error"  # interrupted prompt
     assert "execution_interrupted" in [m[0] for m in result["hist"]["status"]["messages"]]
-    assert status(srv, job)["state"] == "running"
+    assert job_status(srv, job)["state"] == "running"
     srv.request("POST", f"/idlora/jobs/{job}/cancel")
-    wait_for(srv, job, done)
+    wait_for(srv, job, ended)

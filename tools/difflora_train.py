@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, init_distributed, setup_logging, train_steps  # noqa: E402
+from meta_lora_stage1 import InputError, run_main, train_steps  # noqa: E402
 
 log = logging.getLogger("idlora.difflora_train")
 
@@ -310,26 +310,8 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
-    try:
-        rank, world, device, backend = init_distributed()
-    except Exception as e:  # noqa: BLE001
-        logging.basicConfig(level=logging.INFO)
-        log.error("could not start torch.distributed: %s", e)
-        return 2
-    setup_logging(rank, world)
-    logging.getLogger("idlora.training.lora_format").setLevel(logging.WARNING)  # a line per identity otherwise
-    try:
-        return train(a, rank, world, device, backend)
-    except (ValueError, FileNotFoundError) as e:  # InputError, TrainingInputError, DiffLoraFileError, bad data
-        log.error("%s", e)
-        log.debug("traceback", exc_info=True)
-        return 2
-    finally:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
+    return run_main(train, parse_args(argv), quiet=("idlora.training.lora_format",),  # a line per identity otherwise
+                    logger=log)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -370,26 +370,34 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
     return 0
 
 
-def main(argv=None) -> int:
-    a = parse_args(argv)
+def run_main(train: Callable, a: argparse.Namespace, quiet: tuple[str, ...] = (),
+             logger: logging.Logger = log) -> int:
+    """What both torchrun tools do around ``train(a, rank, world, device, backend)``: start torch.distributed (or
+    run alone), set up logging (``quiet`` loggers at WARNING), exit 2 with the message on bad input, and always
+    leave the process group."""
     try:
         rank, world, device, backend = init_distributed()
     except Exception as e:  # noqa: BLE001
         logging.basicConfig(level=logging.INFO)
-        log.error("could not start torch.distributed: %s", e)
+        logger.error("could not start torch.distributed: %s", e)
         return 2
     setup_logging(rank, world)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return train(a, rank, world, device, backend)
     except (ValueError, FileNotFoundError) as e:  # InputError, TrainingInputError, MetaDownError, bad data
-        log.error("%s", e)
-        log.debug("traceback", exc_info=True)
+        logger.error("%s", e)
+        logger.debug("traceback", exc_info=True)
         return 2
     finally:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
+
+def main(argv=None) -> int:
+    return run_main(train, parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

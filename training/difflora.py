@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -432,7 +432,3 @@ def load_difflora(path: str | Path, device: torch.device | str = "cpu") -> DiffL
 
 def schedule_of(cfg: DiTTrainConfig) -> dict:
     return {"steps": cfg.timesteps, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
-
-
-def config_json(cfg) -> str:
-    return json.dumps(asdict(cfg))

@@ -21,7 +21,9 @@ import folder_paths
 from ..training.difflora_job import DiffLoraTask, LaeTask
 from ..training.duolora_job import MergeTask
 from ..training.idstyle import IdentityStyleTask, Resources
+from ..training.fileio import remove_stale_temps
 from ..training.jobs import JobManager
+from ..training.lora_format import sanitize_save_name
 from ..training.lora_dataset import LoraDatasetTask
 from ..training.lora_job import LoraJobTask
 from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
@@ -61,6 +63,26 @@ def load_identity_resources(sources: dict) -> Resources:
     return Resources(ComfyDiffusion(model, vae=vae, load="private"), embed)
 
 
+def claim_output(name: str, folder: str, suffixes: tuple[str, ...] = ("",)) -> tuple[str, list[str]]:
+    """The output name of a new job: ``name`` (sanitised), or ``name_0001``, ``name_0002``, ... when a file of
+    that name already exists in ``folder`` or belongs to another job, so that no job replaces another's file.
+    Returns (stem, the paths <folder>/<stem><suffix>.safetensors), reserved for the job."""
+    stem = sanitize_save_name(name)[:-len(".safetensors")]
+
+    def files(n: str) -> list[str]:
+        return [os.path.join(folder, f"{n}{s}.safetensors") for s in suffixes]
+    stem = manager().claim_name(stem, files)
+    return stem, files(stem)
+
+
+def output_folders() -> list[str]:
+    """The folders IDLoRA writes model files to (cleaned of interrupted writes at start-up)."""
+    loras = folder_paths.get_folder_paths("loras")
+    models = folder_paths.models_dir
+    return ([os.path.join(loras[0], "idlora")] if loras else []) + [
+        os.path.join(models, "idlora"), os.path.join(models, "difflora")]
+
+
 def torch_device() -> str:
     """ComfyUI's torch device, where the DiffLoRA jobs train (they hold no MODEL)."""
     return str(comfy.model_management.get_torch_device())
@@ -84,6 +106,11 @@ def manager() -> JobManager:
                               lambda cfg, d: LoraDatasetTask.from_config(cfg, d, load_private_model))
             _manager.register("difflora_lae", lambda cfg, d: LaeTask.from_config(cfg, d, torch_device()))
             _manager.register("difflora_dit", lambda cfg, d: DiffLoraTask.from_config(cfg, d, torch_device()))
+            for folder in output_folders():
+                remove_stale_temps(folder)
+            for bad in _manager.unreadable:
+                log.warning("IDLoRA: the job folder %s cannot be read and is not listed (%s); move it away or "
+                            "delete it", bad["folder"], bad["error"])
             interrupted = [j.id for j in _manager.list() if j.status.state.value == "interrupted"]
             if interrupted:
                 log.info("IDLoRA: %d interrupted job(s) can be resumed: %s", len(interrupted), interrupted)

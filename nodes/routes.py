@@ -64,7 +64,8 @@ def _guard(handler):
 
 @_guard
 async def list_jobs(request):
-    return web.json_response({"jobs": [_job_json(j) for j in manager().list()]})
+    m = manager()
+    return web.json_response({"jobs": [_job_json(j) for j in m.list()], "unreadable": m.unreadable})
 
 
 @_guard
@@ -82,6 +83,12 @@ async def cancel_job(request):
 async def resume_job(request):
     await _body(request)
     return web.json_response(_job_json(manager().resume(request.match_info["id"])))
+
+
+@_guard
+async def restart_job(request):
+    await _body(request)
+    return web.json_response(_job_json(manager().restart(request.match_info["id"])))
 
 
 @_guard
@@ -115,6 +122,7 @@ def register(routes: web.RouteTableDef) -> None:
     routes.get("/idlora/jobs/{id}")(get_job)
     routes.post("/idlora/jobs/{id}/cancel")(cancel_job)
     routes.post("/idlora/jobs/{id}/resume")(resume_job)
+    routes.post("/idlora/jobs/{id}/restart")(restart_job)
     routes.get("/idlora/jobs/{id}/loss")(job_loss)
     routes.get("/idlora/jobs/{id}/samples")(job_samples)
     routes.get("/idlora/jobs/{id}/samples/{file}")(job_sample_file)

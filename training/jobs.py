@@ -8,6 +8,7 @@ JSON config) plus a folder::
                     log.txt        the job's log
                     loss.tsv       step, phase, loss (one line per step)
                     checkpoint.pt  trainer state (adapter, optimizer, scheduler, RNG, step, phase)
+                    checkpoint.prev.pt      the checkpoint before it (a fallback if the newest is unreadable)
                     samples/       preview images
                     data/          whatever the task needs to be rebuilt (cached latents, ...)
 
@@ -15,7 +16,13 @@ Each job has its own cancel token (ComfyUI's global interrupt belongs to the run
 prompt and is never looked at here). Resume always rebuilds the task through the
 factory registered for its kind, from config.json and the job folder, and continues
 from the checkpoint, in the recorded phase. After a restart, jobs that were queued or
-running are marked ``interrupted`` and can be resumed the same way.
+running are marked ``interrupted`` and can be resumed the same way; a job folder that
+cannot be read is skipped and listed in ``unreadable``, never fatal.
+
+Nothing here takes the worker down: a failed status write (a full disk) is logged, kept
+in memory and written again on the next status write or query, so file and memory agree
+once space returns. A job's output files are claimed at submit (``claim_name``): no two
+jobs write the same file, and no job replaces a file that already exists.
 
 Pure Python + torch: ComfyUI plugs in through ``events`` (websocket) and the task
 factories.
@@ -26,6 +33,8 @@ import gc
 import json
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 import traceback
@@ -39,7 +48,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from .fileio import atomic_path, atomic_write_bytes
+from .fileio import atomic_path, atomic_write_bytes, disk_full_error, is_disk_full, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,10 @@ class JobState(str, Enum):
 
 FINISHED = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
 RESUMABLE = {JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
+JOB_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+UNREADABLE_CHECKPOINT = "checkpoint.unreadable.pt"
 
 
 class JobError(ValueError):
@@ -63,6 +76,10 @@ class JobError(ValueError):
 
 class UnknownJob(JobError):
     pass
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint to resume from; says how to go on."""
 
 
 class JobCancelled(Exception):
@@ -127,6 +144,8 @@ class JobStatus:
 
     @classmethod
     def from_json(cls, d: dict) -> "JobStatus":
+        if not isinstance(d, dict):
+            raise TypeError(f"status.json holds a {type(d).__name__}, not an object")
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["state"] = JobState(d.get("state", "queued"))
         return cls(**d)
@@ -159,7 +178,7 @@ class JobContext:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.dir / "checkpoint.pt"
+        return self.dir / CHECKPOINT
 
     def progress(self, step: int, total: int, loss: float | None = None, phase: str | None = None) -> None:
         s = self.job.status
@@ -173,8 +192,13 @@ class JobContext:
         if loss is not None:
             s.loss = float(loss)
             self.job.losses.append((step, s.phase, float(loss)))
-            with (self.dir / "loss.tsv").open("a") as f:
-                f.write(f"{step}\t{s.phase}\t{loss:.6g}\n")
+            try:
+                with (self.dir / "loss.tsv").open("a") as f:
+                    f.write(f"{step}\t{s.phase}\t{loss:.6g}\n")
+            except OSError as e:
+                if is_disk_full(e, self.dir):
+                    raise disk_full_error(self.dir, 1 << 20, e) from e
+                raise
         if now - self._last_emit >= self._m.min_event_interval or step >= total:
             self._last_emit = now
             self._m._emit_status(self.job)
@@ -189,16 +213,42 @@ class JobContext:
         return self._m.checkpoint_every > 0 and step % self._m.checkpoint_every == 0
 
     def save_checkpoint(self, state: dict, phase: str | None = None) -> None:
-        """Write the task's state atomically, tagged with its phase (default: the phase last reported)."""
+        """Write the task's state atomically, tagged with its phase (default: the phase last reported); the
+        checkpoint it replaces is kept as checkpoint.prev.pt."""
         state = dict(state, phase=phase or self.job.status.phase)
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
-        _write_status(self.job)
+            if self.checkpoint_path.exists():
+                os.replace(self.checkpoint_path, self.dir / PREVIOUS_CHECKPOINT)
+        self._m._persist(self.job)
 
     def load_checkpoint(self) -> dict | None:
-        if not self.checkpoint_path.exists():
-            return None
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        """The newest readable checkpoint, or None when the job has none. An unreadable newest checkpoint is moved
+        to checkpoint.unreadable.pt and the previous one is used; with none readable, CheckpointError says how to
+        restart the job from step 0."""
+        problems = []
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            path = self.dir / name
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(state, dict):
+                    raise TypeError(f"it holds a {type(state).__name__}, not a trainer state")
+            except Exception as e:  # noqa: BLE001  any unreadable file: truncated, corrupt, foreign
+                problems.append(f"{name}: {_short_reason(e)}")
+                self.log.warning("checkpoint %s is unreadable (%s)", path, _short_reason(e))
+                if name == CHECKPOINT:
+                    os.replace(path, self.dir / UNREADABLE_CHECKPOINT)
+                continue
+            if problems:
+                self.log.warning("resuming from the previous checkpoint (%s, step %s)", name, state.get("step"))
+            return state
+        if problems:
+            raise CheckpointError(
+                f"job {self.job.id} has no readable checkpoint ({'; '.join(problems)}). Restart it from step 0: "
+                f"POST /idlora/jobs/{self.job.id}/restart, or the Restart button in the IDLoRA jobs panel")
+        return None
 
     def add_sample(self, image: np.ndarray, step: int) -> str:
         """Save an (H, W, 3) float image in [0, 1] as samples/step_XXXXXX.png; returns the file name."""
@@ -224,6 +274,9 @@ class JobManager:
         self.on_job_end = on_job_end
         self.factories: dict[str, TaskFactory] = {}
         self.jobs: dict[str, Job] = {}
+        self.unreadable: list[dict] = []     # job folders skipped at start-up: {"folder", "error"}
+        self._unsaved: set[str] = set()      # jobs whose status.json is behind their in-memory status
+        self._claimed: set[str] = set()      # output files that belong to a job (absolute paths)
         self._queue: deque[str] = deque()
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -235,48 +288,84 @@ class JobManager:
         self.factories[kind] = factory
 
     def _recover(self) -> None:
-        """Load the job folders; queued or running jobs of a previous process become interrupted."""
+        """Load the job folders; queued or running jobs of a previous process become interrupted. A folder that
+        cannot be read, whatever the reason, is skipped, logged and listed in ``unreadable``."""
         for folder in sorted(self.root.iterdir()):
-            f = folder / "status.json"
-            if not f.is_file():
+            if not folder.is_dir():
                 continue
             try:
-                status = JobStatus.from_json(json.loads(f.read_text()))
-            except (ValueError, TypeError, KeyError) as e:
-                log.warning("IDLoRA: skipping job folder %s with an unreadable status.json (%s)", folder, e)
-                continue
-            if status.state in (JobState.QUEUED, JobState.RUNNING):
-                status.state = JobState.INTERRUPTED
-                status.error = "the server stopped while this job was " + ("running" if status.started else "queued")
-                status.finished = time.time()
-            job = Job(status, folder)
-            self.jobs[status.id] = job
-            _write_status(job)
+                self._recover_folder(folder)
+            except Exception as e:  # noqa: BLE001  one bad folder must never stop the others (or the pack)
+                log.warning("IDLoRA: skipping the job folder %s, which cannot be read (%s: %s)", folder,
+                            type(e).__name__, e)
+                self.unreadable.append({"folder": str(folder), "error": f"{type(e).__name__}: {e}"})
+
+    def _recover_folder(self, folder: Path) -> None:
+        remove_stale_temps(folder, untagged_age_s=0)  # only this server writes its job folders
+        f = folder / "status.json"
+        if not f.is_file():
+            if JOB_ID_RE.match(folder.name) and (folder / "config.json").is_file():
+                log.info("IDLoRA: removing %s, left by a submit that failed", folder)
+                shutil.rmtree(folder)
+            return
+        status = JobStatus.from_json(json.loads(f.read_text()))
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        if status.state in (JobState.QUEUED, JobState.RUNNING):
+            status.state = JobState.INTERRUPTED
+            status.error = "the server stopped while this job was " + ("running" if status.started else "queued")
+            status.finished = time.time()
+        job = Job(status, folder)
+        self.jobs[status.id] = job
+        self._claimed.update(_output_paths(config))
+        self._persist(job)
+
+    def claim_name(self, stem: str, outputs: Callable[[str], list]) -> str:
+        """The first of ``stem``, ``stem_0001``, ``stem_0002``, ... whose output files (``outputs(name)``) neither
+        exist nor belong to another job. The files are reserved for the job submitted with them (and for the life of
+        this process if none is), so a job's output belongs to it alone."""
+        with self._cv:
+            for n in range(100_000):
+                name = stem if n == 0 else f"{stem}_{n:04d}"
+                paths = [os.path.abspath(p) for p in outputs(name)]
+                if not any(p in self._claimed or os.path.lexists(p) for p in paths):
+                    self._claimed.update(paths)
+                    return name
+        raise JobError(f"every name from {stem!r} to {stem}_99999 is taken: choose another name")
 
     # -- requests ----------------------------------------------------------
-    def submit(self, task: Task, name: str = "") -> Job:
+    def submit(self, task: Task, name: str = "", outputs: list | tuple = ()) -> Job:
+        """Queue ``task``. ``outputs`` are the files it will write (claimed with ``claim_name``); they are recorded
+        in config.json so that they stay the job's after a restart. A submit that fails leaves no job folder."""
         job_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         folder = self.root / job_id
         folder.mkdir(parents=True)
-        status = JobStatus(job_id, task.kind, name or task.kind, phases=list(task.phases),
-                           phase=task.phases[0] if task.phases else "")
-        config = {"kind": task.kind, "name": status.name, "phases": list(task.phases), "config": task.config}
-        atomic_write_bytes(folder / "config.json", json.dumps(config, indent=1).encode())
-        task.prepare(folder)
-        job = Job(status, folder, task)
+        try:
+            status = JobStatus(job_id, task.kind, name or task.kind, phases=list(task.phases),
+                               phase=task.phases[0] if task.phases else "")
+            config = {"kind": task.kind, "name": status.name, "phases": list(task.phases), "config": task.config,
+                      "outputs": [os.path.abspath(p) for p in outputs]}
+            atomic_write_bytes(folder / "config.json", json.dumps(config, indent=1).encode())
+            task.prepare(folder)
+            job = Job(status, folder, task)
+            _write_status(job)  # raises here, before the job is listed, when the disk is full
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         with self._cv:
             self.jobs[job_id] = job
-            _write_status(job)
+            self._claimed.update(config["outputs"])
             self._enqueue(job)
         return job
 
     def get(self, job_id: str) -> Job:
+        self._flush_unsaved()
         job = self.jobs.get(job_id)
         if job is None:
             raise UnknownJob(f"no job with id {job_id!r}: list the jobs with GET /idlora/jobs")
         return job
 
     def list(self) -> list[Job]:
+        self._flush_unsaved()
         return sorted(self.jobs.values(), key=lambda j: j.status.created)
 
     def cancel(self, job_id: str) -> Job:
@@ -308,8 +397,24 @@ class JobManager:
             job.status.error = None
             job.status.finished = None
             self._enqueue(job)
-            _write_status(job)
+            self._persist(job)
         return job
+
+    def restart(self, job_id: str) -> Job:
+        """Resume a failed, cancelled or interrupted job from step 0: its checkpoints and loss log are discarded
+        (an unreadable checkpoint stays as checkpoint.unreadable.pt for inspection)."""
+        job = self.get(job_id)
+        with self._cv:
+            if job.status.state not in RESUMABLE:
+                raise JobError(f"job {job_id} is {job.status.state.value}; only "
+                               f"{', '.join(sorted(s.value for s in RESUMABLE))} jobs can be restarted")
+            for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+                (job.dir / name).unlink(missing_ok=True)
+            (job.dir / "loss.tsv").unlink(missing_ok=True)
+            job.losses = []
+            job.status.step, job.status.loss = 0, None
+            job.status.phase = job.status.phases[0] if job.status.phases else ""
+        return self.resume(job_id)
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         job = self.get(job_id)
@@ -346,13 +451,19 @@ class JobManager:
                 job = self.jobs[self._queue.popleft()]
                 job.status.state = JobState.RUNNING
                 job.status.started = job.status.started or time.time()
-                _write_status(job)
-            self._emit_status(job)
-            self._run(job)
+            try:
+                self._persist(job)
+                self._emit_status(job)
+                self._run(job)
+            except Exception as e:  # noqa: BLE001  the worker outlives anything a job or a transition raises
+                log.exception("IDLoRA: job %s: %s", job.id, e)
+                if not job.done.is_set():
+                    self._finish(job, JobState.FAILED, f"{type(e).__name__}: {e}")
 
     def _run(self, job: Job) -> None:
-        ctx = JobContext(self, job)
+        ctx = None
         try:
+            ctx = JobContext(self, job)
             if job.task is None:
                 config = json.loads((job.dir / "config.json").read_text())
                 job.task = self.factories[job.status.kind](config["config"], job.dir)
@@ -363,27 +474,58 @@ class JobManager:
         except JobCancelled:
             self._finish(job, JobState.CANCELLED, "cancelled")
         except BaseException as e:  # noqa: BLE001  a worker exception never takes the server down
-            ctx.log.error("failed: %s\n%s", e, traceback.format_exc())
+            if ctx is not None:
+                ctx.log.error("failed: %s\n%s", e, traceback.format_exc())
             self._finish(job, JobState.FAILED, f"{type(e).__name__}: {e}")
             if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: let the process stop
                 raise
         finally:
             job.task = None  # release the model and data: resume rebuilds them
-            _close_logger(ctx.log)
+            if ctx is not None:
+                _close_logger(ctx.log)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if self.on_job_end:
-                self.on_job_end()
+                try:
+                    self.on_job_end()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("IDLoRA: the end-of-job hook failed: %s", e)
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
         # State and done-flag change together under the lock: a resume that sees the final state must not have
         # its cleared done-flag set again by this finish.
         with self._cv:
             job.status.state, job.status.error, job.status.finished = state, error, time.time()
-            _write_status(job)
+            self._persist(job)
             job.done.set()
         self._emit_status(job)
+
+    # -- status files ------------------------------------------------------------
+    def _persist(self, job: Job) -> None:
+        """Write the job's status.json; a failure (a full disk) is logged and retried on the next write or query,
+        never raised: the in-memory status stays the truth and the file catches up once the write succeeds."""
+        self._flush_unsaved(skip=job.id)
+        try:
+            _write_status(job)
+            self._unsaved.discard(job.id)
+        except Exception as e:  # noqa: BLE001
+            if job.id not in self._unsaved:
+                log.warning("IDLoRA: could not write the status of job %s (%s); it is kept in memory and written "
+                            "again later", job.id, e)
+            self._unsaved.add(job.id)
+
+    def _flush_unsaved(self, skip: str | None = None) -> None:
+        for job_id in list(self._unsaved):
+            job = self.jobs.get(job_id)
+            if job is None:
+                self._unsaved.discard(job_id)
+            elif job_id != skip:
+                try:
+                    _write_status(job)
+                    self._unsaved.discard(job_id)
+                except Exception:  # noqa: BLE001  still no space: try again later
+                    return
 
     # -- events --------------------------------------------------------------
     def _emit(self, name: str, payload: dict) -> None:
@@ -415,13 +557,45 @@ def _write_status(job: Job) -> None:
 
 
 def _read_losses(path: Path) -> list[tuple[int, str, float]]:
-    rows = []
+    """The rows of loss.tsv; a line that does not parse (a short write cut by a crash or a full disk) is skipped."""
+    rows, bad = [], 0
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             parts = line.split("\t")
-            if len(parts) == 3:
+            try:
                 rows.append((int(parts[0]), parts[1], float(parts[2])))
+            except (ValueError, IndexError):
+                bad += bool(line.strip())
+    if bad:
+        log.warning("IDLoRA: skipped %d unreadable line(s) of %s", bad, path)
     return rows
+
+
+def _output_paths(config: dict) -> list[str]:
+    """The files a job writes, from its config.json: the recorded ``outputs``, or, for jobs submitted before those
+    were recorded, every ``output_path`` / ``path`` in its task config."""
+    if isinstance(config.get("outputs"), list):
+        return [os.path.abspath(p) for p in config["outputs"] if isinstance(p, str)]
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("output_path", "path") and isinstance(v, str):
+                    found.append(os.path.abspath(v))
+                else:
+                    walk(v)
+    walk(config.get("config"))
+    return found
+
+
+def _short_reason(e: BaseException) -> str:
+    """An exception in a few words, without torch's advice to load with weights_only=False (which would run
+    arbitrary code from the file)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if "weights_only" in str(e) or "Weights only" in str(e):
+        first = "not a valid checkpoint"
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def _job_logger(job: Job) -> logging.Logger:

@@ -118,6 +118,7 @@ function jobCard(id) {
   const buttons = el("div", { style: { display: "flex", gap: "6px", marginTop: "6px" } });
   if (RUNNING.has(st.state)) buttons.append(el("button", { class: "idlora-cancel", onclick: () => act(id, "cancel") }, "Cancel"));
   if (RESUMABLE.has(st.state)) buttons.append(el("button", { class: "idlora-resume", onclick: () => act(id, "resume") }, "Resume"));
+  if (RESUMABLE.has(st.state)) buttons.append(el("button", { class: "idlora-restart", title: "Start again from step 0 (discards the checkpoints)", onclick: () => act(id, "restart") }, "Restart"));
   if (st.result && st.result.lora) buttons.append(el("span", { style: { fontSize: "12px" } }, st.result.lora));
   card.append(buttons);
   requestAnimationFrame(() => drawLoss(canvas, e.losses));

@@ -16,6 +16,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_base
 import comfy.model_management
+import comfy.supported_models
 import comfy.utils
 import folder_paths
 
@@ -72,6 +73,7 @@ class ComfyDiffusion:
         self.sigmas = base.model_sampling.sigmas.detach().float().cpu().clone()
         self.device = self.patcher.load_device
         self.name = model_family(self.patcher)
+        self.lora_stems = kohya_stems(self.patcher)
         self._decoders: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
         _uninference(self.denoiser)
 
@@ -275,6 +277,27 @@ def _uninference(module: torch.nn.Module) -> None:
 def module_shapes(patcher) -> dict[str, tuple]:
     sd = patcher.model.diffusion_model.state_dict()
     return {k[:-len(".weight")]: tuple(v.shape) for k, v in sd.items() if k.endswith(".weight") and v.ndim >= 2}
+
+
+# Base models kohya sd-scripts trains on diffusers' U-Net, so that its LoRA stems use diffusers' module names.
+_DIFFUSERS_STEM_MODELS = (comfy.supported_models.SD15, comfy.supported_models.SD20)
+
+
+def kohya_stems(patcher) -> dict[str, str]:
+    """{module path: LoRA file key stem} as kohya sd-scripts names the modules of this base model.
+
+    SD1.x / SD2.x: diffusers-layout names (``input_blocks.1.1.proj_in`` ->
+    ``lora_unet_down_blocks_0_attentions_0_proj_in``), from ComfyUI's map of this model's own U-Net config, for
+    every Linear / Conv2d module that has a diffusers name; diffusers and kohya's own loader read only these on
+    SD1.x. Other models (SDXL: kohya uses SGM names): {}, so that ``save_lora`` writes the module paths' stems.
+    """
+    config = patcher.model.model_config
+    if not isinstance(config, _DIFFUSERS_STEM_MODELS):
+        return {}
+    shapes = module_shapes(patcher)
+    return {ldm[:-len(".weight")]: "lora_unet_" + diff[:-len(".weight")].replace(".", "_")
+            for diff, ldm in comfy.utils.unet_to_diffusers(config.unet_config).items()
+            if diff.endswith(".weight") and ldm[:-len(".weight")] in shapes}
 
 
 def diffusers_key_map(patcher) -> dict[str, str]:

@@ -369,13 +369,15 @@ class DiffLora(nn.Module):
         vectors = self.lae.decode(self.sample_latents(face, image, steps, seed, eta) * self.latent_scale)
         return [self.layout.unflatten(v.float().cpu()) for v in vectors]
 
-    def bundle(self, weights: dict[str, LoraWeight], extra: dict | None = None) -> LoraBundle:
+    def bundle(self, weights: dict[str, LoraWeight], extra: dict | None = None,
+               stems: dict[str, str] | None = None) -> LoraBundle:
+        """A sampled LoRA as a bundle; ``stems``: the base model's file stems (its ``lora_stems``)."""
         rank = self.layout.layers[0].rank
         meta = {"idlora_method": "difflora", "idlora_base_model": self.meta.get("base_model", ""),
                 "idlora_targets": self.meta.get("targets", ""), "idlora_ranks": json.dumps({"rank": rank}),
                 "ss_network_dim": str(rank), "ss_network_alpha": str(self.layout.layers[0].alpha or rank),
                 **(extra or {})}
-        return LoraBundle(weights=weights, metadata=meta, key_style="module")
+        return LoraBundle(weights=weights, metadata=meta, key_style="module", stems=dict(stems or {}))
 
 
 def encode_population(lae: LoraAutoencoder, vectors: torch.Tensor, batch: int = 16) -> torch.Tensor:

@@ -29,6 +29,8 @@ class DiffusionModel(Protocol):
     sigmas: torch.Tensor         # the model's discrete schedule, ascending, float32 on CPU
     device: torch.device
     name: str                    # base model family, recorded in LoRA metadata (e.g. "sd15", "sdxl")
+    lora_stems: dict[str, str]   # module path -> LoRA file key stem kohya writes for this base model (optional,
+    #                              see lora_stems(); SD1.x/SD2.x: diffusers-layout names; {}: the paths' SGM stems)
 
     def net_forward(self, x_noisy: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The denoiser's raw output (eps, v or x0) for x_t = x0 + sigma * eps."""
@@ -51,6 +53,18 @@ class DiffusionModel(Protocol):
         much cheaper Tiny AutoEncoder); anything else raises ValueError. Repeated calls return the same
         decoder.
         """
+
+
+def lora_stems(model) -> dict[str, str]:
+    """The model's ``lora_stems`` (module path -> file key stem), or {} for a model without them (plain torch
+    models: their LoRAs are saved under their module paths)."""
+    return getattr(model, "lora_stems", None) or {}
+
+
+def lora_key_map(model) -> dict[str, str]:
+    """File key stem -> module path (the inverse of ``lora_stems``), as ``lora_format.resolve``'s extra_key_map,
+    so that LoRA files with this base model's kohya stems resolve onto the model."""
+    return {stem: path for path, stem in lora_stems(model).items()}
 
 
 def sd_sigmas(steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:

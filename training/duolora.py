@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.merge import MergeNetwork
-from .diffusion import Cond, DiffusionModel, add_noise, to_x0
+from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, to_x0
 from .lora_format import LoraBundle, LoraWeight
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainingInputError
 
@@ -330,7 +330,8 @@ class LoraMerger(LoraTrainer):
                                     for n, ms in saved.items()})
         try:
             weights = {n: LoraWeight(d, u, a) for n, (d, u, a) in self.network.export().items()}
-            return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+            return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module",
+                              stems=lora_stems(self.model))
         finally:
             self.network.set_masks(saved)
 
@@ -386,7 +387,8 @@ def combine(bundles: list[LoraBundle], weights: list[float] | None = None) -> Lo
             out[name] = LoraWeight(down, up, float(down.shape[0]))
     meta = dict(bundles[0].metadata, idlora_method="merge_multi_concept",
                 idlora_multi_concept=json.dumps({"n": len(bundles), "alphas": alphas}))
-    return LoraBundle(weights=out, metadata=meta, key_style="module")
+    return LoraBundle(weights=out, metadata=meta, key_style="module",
+                      stems={p: s for b in bundles for p, s in b.stems.items()})
 
 
 def param_counts(shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, int]:

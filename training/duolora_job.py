@@ -53,7 +53,7 @@ class MergeTask:
         merger.run_in_job(ctx, "merge")
         bundle = merger.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
-        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32)
+        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "method": self.cfg.method,
                 "steps": merger.step, "final_loss": merger.losses[-1] if merger.losses else None,
                 "rank": max((w.down.shape[0] for w in bundle.weights.values()), default=0)}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.lora import LoraNetwork, select_targets
-from .diffusion import Cond, DiffusionModel, add_noise, target, to_x0
+from .diffusion import Cond, DiffusionModel, add_noise, lora_key_map, target, to_x0
 from .fileio import atomic_path
 from .identity_loss import EmbedFn, IdentityConfig, IdentityLoss
 from .lora_format import LoraBundle, LoraFormatError, load_lora, resolve, save_lora
@@ -172,7 +172,7 @@ def frozen_network(model: DiffusionModel, bundle: LoraBundle) -> LoraNetwork:
     """A LoRA (any key style IDLoRA reads) as a frozen LoraNetwork on ``model``'s denoiser."""
     shapes = {n: tuple(m.weight.shape) for n, m in model.denoiser.named_modules()
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    weights, report = resolve(bundle, shapes)
+    weights, report = resolve(bundle, shapes, lora_key_map(model))
     if report.missing or report.shape_mismatch or not weights:
         raise LoraFormatError(f"the LoRA does not fit this model: {report.summary()}")
     rank = next(iter(weights.values())).down.shape[0]
@@ -337,10 +337,11 @@ class IdentityStyleTask:
         bundle = trainer.bundle()
         bundle.metadata.update(idlora_phase=phase, idlora_job=ctx.job.id)
         if phase == "style_content":  # an intermediate of this job, kept in its folder for a resume
-            save_lora(ctx.dir / "style_content.safetensors", bundle.weights, bundle.metadata, dtype=torch.float32)
+            save_lora(ctx.dir / "style_content.safetensors", bundle.weights, bundle.metadata, dtype=torch.float32,
+                      stems=bundle.stems)
             return {}
         out = self.config["outputs"][phase]
-        save_lora(out["path"], bundle.weights, bundle.metadata, dtype=torch.float32)
+        save_lora(out["path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
         ctx.log.info("%s phase done: saved %s", phase, out["path"])
         extra = {}
         if phase == "content" and getattr(trainer, "identity_values", None):

@@ -268,7 +268,7 @@ def write_identity(out: Path, item: IdentityItem, trainer: LoraTrainer, cfg: Dat
     bundle = trainer.bundle()
     tags = {"idlora_identity": item.name, "idlora_hash": item.hash}
     save_lora(folder / LORA, bundle.weights, dict(bundle.metadata, idlora_method=METHOD, idlora_trainer=cfg.trainer,
-                                                  **tags), dtype=torch.float32)
+                                                  **tags), dtype=torch.float32, stems=bundle.stems)
     with atomic_path(folder / EMBEDDINGS) as tmp:
         save_file({"face": item.face.detach().float().cpu().contiguous(),
                    "image": item.image.detach().float().cpu().contiguous()}, tmp, metadata=tags)

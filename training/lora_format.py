@@ -2,11 +2,15 @@
 
 One module owns every LoRA file detail of the project:
 
-* ``save_lora`` writes kohya-style ``.safetensors`` files (``lora_unet_<path>``
+* ``save_lora`` writes kohya-style ``.safetensors`` files (``lora_unet_<name>``
   stems with ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``), the
-  layout ComfyUI, A1111 and kohya's scripts all read.
+  layout ComfyUI, A1111, kohya's scripts and diffusers all read. The stem of a
+  module is what kohya writes for the base model: a ``stems`` map (module path
+  -> stem, from the model, e.g. diffusers-layout names for SD1.x/SD2.x) when
+  given, else the module path itself (SGM/LDM names, kohya's SDXL convention).
 * ``load_lora`` reads kohya, ComfyUI-native (``diffusion_model.<path>``) and
-  peft/diffusers (``lora_A``/``lora_B`` and friends) files into a ``LoraBundle``.
+  peft/diffusers (``lora_A``/``lora_B`` and friends) files into a ``LoraBundle``,
+  with alpha from ``.alpha`` keys or diffusers' ``lora_adapter_metadata`` header.
 * ``resolve`` maps the stems of a bundle onto the module paths of a model.
 * ``atomic_path`` / ``atomic_write_bytes`` write files so that a crash never
   leaves a half-written file under the final name.
@@ -29,12 +33,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..models.lora import compile_pattern
 from .fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 KOHYA_UNET_PREFIX = "lora_unet_"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers: the peft LoraConfig(s) as JSON, per component prefix
 MAX_SAVE_NAME_LEN = 150
 
 _SafetensorError = getattr(safetensors, "SafetensorError", RuntimeError)
@@ -152,13 +158,16 @@ class LoraBundle:
 
     ``weights`` is keyed by module path (trainer output) or by the file's key
     stem (loaded files). ``text_encoder_keys`` counts text-encoder modules that
-    were in the file but are not loaded.
+    were in the file but are not loaded. ``stems`` maps module paths to the key
+    stems ``save_lora`` writes for the base model the bundle was made on (the
+    model's ``lora_stems``); empty means the paths' own (SGM) stems.
     """
 
     weights: dict[str, LoraWeight]
     metadata: dict[str, str] = field(default_factory=dict)
     key_style: str = "module"
     text_encoder_keys: int = 0
+    stems: dict[str, str] = field(default_factory=dict)
 
     @property
     def ranks(self) -> set[int]:
@@ -253,15 +262,33 @@ def _cpu_tensor(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor
         memory_format=torch.contiguous_format)
 
 
-def _kohya_tensors(weights: dict[str, LoraWeight], dtype) -> dict[str, torch.Tensor]:
+def _stem_namer(stems: dict[str, str] | None):
+    """key -> file stem: ``stems[path]``; a key that already is a kohya stem stays as it is, unless it is
+    the SGM stem of a path in ``stems`` (then it gets that path's stem); any other key gets kohya_stem(key)."""
+    stems = {_normalize_module_path(p): s for p, s in (stems or {}).items()}
+    by_sgm_stem = {kohya_stem(p): s for p, s in stems.items()}
+
+    def name(key: str) -> str:
+        path = _normalize_module_path(key)
+        if path in stems:
+            return stems[path]
+        if key.startswith(KOHYA_UNET_PREFIX):
+            return by_sgm_stem.get(key, key)
+        return kohya_stem(key)
+    return name
+
+
+def _kohya_tensors(weights: dict[str, LoraWeight], dtype, stems: dict[str, str] | None = None
+                   ) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     owners: dict[str, str] = {}
+    stem_of = _stem_namer(stems)
     for module_path, weight in weights.items():
         if not isinstance(weight, LoraWeight):
             raise LoraFormatError(
                 f"weights[{module_path!r}] is a {type(weight).__name__}, not a LoraWeight: "
                 "wrap the tensors as LoraWeight(down, up, alpha)")
-        stem = kohya_stem(module_path)
+        stem = stem_of(module_path)
         if stem in owners:
             raise LoraFormatError(
                 f"module paths {owners[stem]!r} and {module_path!r} both map to kohya key "
@@ -275,11 +302,14 @@ def _kohya_tensors(weights: dict[str, LoraWeight], dtype) -> dict[str, torch.Ten
 
 
 def save_lora(path, weights: dict[str, LoraWeight], metadata: dict | None = None,
-              dtype: torch.dtype | None = torch.float16) -> str:
+              dtype: torch.dtype | None = torch.float16, stems: dict[str, str] | None = None) -> str:
     """Write ``weights`` (module path -> LoraWeight) as a kohya LoRA file.
 
     Keys: '<stem>.lora_down.weight', '<stem>.lora_up.weight' and '<stem>.alpha'
-    with stem = kohya_stem(module path). Alpha is always written as a 0-d
+    with stem = ``stems[module path]`` (pass a bundle's ``stems``: kohya's stems
+    for its base model, e.g. diffusers-layout names on SD1.x/SD2.x), else
+    kohya_stem(module path); a key that already is a 'lora_unet_' stem is kept
+    (or renamed to ``stems``' stem of its module). Alpha is always written as a 0-d
     float32 tensor (rank when alpha is None, so the scale stays 1.0). Down/up
     are cast to ``dtype`` (None keeps their dtype). ``metadata`` is merged
     over the ss_* / idlora_* defaults; non-str values are JSON-encoded. The
@@ -291,7 +321,7 @@ def save_lora(path, weights: dict[str, LoraWeight], metadata: dict | None = None
     if dtype is not None and not dtype.is_floating_point:
         raise LoraFormatError(f"save dtype must be a float dtype, got {dtype}: "
                               "use torch.float16, torch.bfloat16, torch.float32 or None")
-    tensors = _kohya_tensors(weights, dtype)
+    tensors = _kohya_tensors(weights, dtype, stems)
     meta = _encode_metadata({**_default_metadata(weights), **(metadata or {})})
     final = os.path.abspath(os.fspath(path))
     with atomic_path(final) as tmp:
@@ -417,18 +447,79 @@ def _read_bundle(handle, path: str) -> LoraBundle:
         weights[stem] = _read_weight(handle, key_set, path, raw_stem, down_key, up_key)
     style = _detect_style(weights or [_clean_stem(s) for s in pairs])
     metadata = dict(handle.metadata() or {})
+    _apply_adapter_metadata(path, weights, metadata)
     return LoraBundle(weights=weights, metadata=metadata, key_style=style,
                       text_encoder_keys=te_count)
+
+
+def _adapter_configs(path: str, metadata: dict) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata`` header as {component prefix ('unet', ..., or '' when the
+    config is not prefixed): peft LoraConfig fields}; {} when absent or unreadable."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        logger.warning("%s: ignored the unreadable %s header (%s)", path, ADAPTER_METADATA_KEY, exc)
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in (data.items() if isinstance(data, dict) else ()):
+        prefix, _, name = str(key).rpartition(".")  # "unet.lora_alpha" (pipeline files) or "lora_alpha"
+        configs.setdefault(prefix, {})[name] = value
+    return configs
+
+
+def _pattern_value(patterns, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name. The keys
+    come from the file, so they are matched with RE2 (linear time): a crafted pattern cannot stall the server."""
+    for key, value in (patterns or {}).items():
+        if compile_pattern(rf"^(.*\.)?({key})$", "a lora_adapter_metadata pattern").search(module):
+            return value
+    return default
+
+
+def _metadata_alpha(stem: str, weight: LoraWeight, configs: dict[str, dict]) -> float | None:
+    """The alpha (for scale = alpha / rank) that gives ``stem`` the scale peft gives it from its config."""
+    prefix = next((p for p in sorted(configs, key=len, reverse=True) if p and stem.startswith(p + ".")), "")
+    cfg = configs.get(prefix)
+    if cfg is None:
+        return None
+    module = stem[len(prefix) + 1:] if prefix else stem
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha"))
+    if alpha is None:
+        return None
+    r = _pattern_value(cfg.get("rank_pattern"), module, cfg.get("r")) or weight.rank
+    scale = float(alpha) / (math.sqrt(float(r)) if cfg.get("use_rslora") else float(r))
+    return scale * weight.rank
+
+
+def _apply_adapter_metadata(path: str, weights: dict[str, LoraWeight], metadata: dict) -> None:
+    """Give modules without an ``.alpha`` key the alpha of diffusers' adapter metadata, in place."""
+    configs = _adapter_configs(path, metadata)
+    if not configs:
+        return
+    try:
+        for stem, weight in weights.items():
+            if weight.alpha is None and (alpha := _metadata_alpha(stem, weight, configs)) is not None:
+                weights[stem] = LoraWeight(weight.down, weight.up, alpha)
+    except (TypeError, ValueError) as exc:  # LoraConfigError (a pattern RE2 refuses) is a ValueError
+        raise LoraFormatError(f"{path}: its {ADAPTER_METADATA_KEY} header has an unusable alpha, rank or pattern "
+                              f"({exc}): export the LoRA again") from exc
 
 
 def load_lora(path) -> LoraBundle:
     """Load a kohya, ComfyUI-native or peft/diffusers LoRA ``.safetensors`` file.
 
     Tensors come back as float32, keyed by the file's key stem (a leading
-    'base_model.model.' removed). Text-encoder modules are counted in
-    ``text_encoder_keys`` and not loaded. Raises LoraFormatError, naming the
-    path and the fix, for a missing, unreadable or non-LoRA file, a down
-    without its up (or vice versa) and a rank mismatch.
+    'base_model.model.' removed). A module without an '.alpha' key takes the
+    scale that diffusers' ``lora_adapter_metadata`` header (peft ``lora_alpha``
+    / ``r``, ``alpha_pattern``, ``rank_pattern``, ``use_rslora``; per component
+    prefix such as 'unet.') gives it, stored as alpha = scale * rank.
+    Text-encoder modules are counted in ``text_encoder_keys`` and not loaded.
+    Raises LoraFormatError, naming the path and the fix, for a missing,
+    unreadable or non-LoRA file, a down without its up (or vice versa) and a
+    rank mismatch.
     """
     path = os.fspath(path)
     _check_file(path)

@@ -51,7 +51,7 @@ class LoraJobTask:
         trainer.run_in_job(ctx, sample_every=self.config["sample_every"])
         bundle = trainer.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
-        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32)
+        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
         ctx.log.info("saved %s", self.config["output_path"])
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
                 "final_loss": trainer.losses[-1] if trainer.losses else None}

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..models.lora import LoraConfigError
 from ..models.meta_lora import MetaLoraNetwork, check_ranks
-from .diffusion import Cond, DiffusionModel
+from .diffusion import Cond, DiffusionModel, lora_key_map, lora_stems
 from .fileio import atomic_path
 from .lora_format import LoraBundle, LoraWeight
 from .lora_trainer import BASE_MODEL_VERSIONS, LoraTrainConfig, LoraTrainer, TrainingInputError
@@ -197,18 +197,20 @@ def check_meta_down(weights: dict[str, torch.Tensor], meta: dict[str, str], mode
 # -- stage 2 ---------------------------------------------------------------------------------------
 
 def match_init_lora(bundle: LoraBundle, targets: dict[str, nn.Module], meta_down: dict[str, torch.Tensor],
-                    r2: int, source: str = "init_lora") -> dict[str, LoraWeight]:
+                    r2: int, source: str = "init_lora", key_map: dict[str, str] | None = None
+                    ) -> dict[str, LoraWeight]:
     """{target module name: LoraWeight} of a LoRA to start stage 2 from; TrainingInputError naming what differs.
 
     The LoRA must have exactly the Meta-Down's layers (its keys may be module paths or kohya / diffusers stems, as
-    ``lora_format.resolve`` reads them), rank r2 on every layer, and each layer's shapes must be the Meta-Down's
+    ``lora_format.resolve`` reads them, plus ``key_map``: file stem -> module path, e.g. ``lora_key_map(model)``
+    for the stems IDLoRA saves on SD1.x), rank r2 on every layer, and each layer's shapes must be the Meta-Down's
     input shape and the layer's output size."""
     if not isinstance(bundle, LoraBundle) or not bundle.weights:
         raise TrainingInputError(f"{source} is not a LoRA with layers (got {type(bundle).__name__}): connect a LoRA "
                                  f"(e.g. from IDLoRA DiffLoRA Sample or IDLoRA Load LoRA), or leave it unconnected")
     from .lora_format import resolve
     shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
-    resolved, report = resolve(bundle, shapes)
+    resolved, report = resolve(bundle, shapes, key_map)
     if report.shape_mismatch:
         stem, got, want = report.shape_mismatch[0]
         raise TrainingInputError(f"{source} layer {stem!r} has delta shape {tuple(got)}, the model's layer has "
@@ -283,7 +285,7 @@ class MetaLoraPersonalizer(LoraTrainer):
         self.meta_down_weights, self.meta_down_meta = meta_down, meta
         self._targets = check_meta_down(meta_down, meta, model)
         self.init_weights = None if init_lora is None else \
-            match_init_lora(init_lora, self._targets, meta_down, config.rank)
+            match_init_lora(init_lora, self._targets, meta_down, config.rank, key_map=lora_key_map(model))
         self.init_report: dict | None = None
         super().__init__(model, data, config)
 
@@ -315,7 +317,7 @@ class MetaLoraPersonalizer(LoraTrainer):
 
     def bundle(self) -> LoraBundle:
         weights = {n: LoraWeight(d, u, a) for n, (d, u, a) in self.network.collapse(0).items()}
-        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module", stems=lora_stems(self.model))
 
 
 # -- stage 1 -----------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class MetaPersonalizeTask:
         trainer.run_in_job(ctx, "personalize", self.config["sample_every"])
         bundle = trainer.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
-        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32)
+        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
                 "final_loss": trainer.losses[-1] if trainer.losses else None,
                 "init_projection_error": trainer.init_report["delta_error"] if trainer.init_report else None}

@@ -78,9 +78,9 @@ def test_saved_lora_reproduces_trainer_forward_in_stock_loader(srv, comfy, tmp_p
     model = comfy.sd.load_checkpoint_guess_config(str(server_util.tiny_ckpt()), output_vae=False, output_clip=False)[0]
     diffusion = ComfyDiffusion(model)
     net = LoraNetwork(select_targets(diffusion.denoiser, meta["idlora_targets"]), rank=8)
-    by_stem = {k.replace(".", "_"): k for k in net.names}
+    by_stem = {diffusion.lora_stems[k]: k for k in net.names}  # SD1.x: kohya's diffusers-layout stems
     for stem, w in bundle.weights.items():
-        net.layer(by_stem[stem[len("lora_unet_"):]]).set_weights(w.down, w.up, w.alpha)
+        net.layer(by_stem[stem]).set_weights(w.down, w.up, w.alpha)
     g = torch.Generator().manual_seed(0)
     x, sigma, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([3.0]), torch.randn(1, 77, 768, generator=g)
     with torch.no_grad(), net.attached():

@@ -146,6 +146,86 @@ def test_save_rejects_colliding_stems(tmp_path):
         save_lora(tmp_path / "x.safetensors", {"a.b_c": _linear(), "a_b.c": _linear()})
 
 
+DIFF_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+DIFF_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+
+
+def _file_stems(path) -> set[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {k[: -len(".alpha")] for k in handle.keys() if k.endswith(".alpha")}
+
+
+def test_save_writes_the_stems_map_and_sgm_stems_elsewhere(tmp_path):
+    """``stems`` (a base model's kohya stems, e.g. diffusers names on SD1.x) name the modules they cover; keys that
+    already are kohya stems stay (or move to the map's stem of their module), anything else gets its SGM stem."""
+    stems = {Q: DIFF_Q, CONV: DIFF_CONV}
+    weights = {f"diffusion_model.{Q}.weight": _linear(), kohya_stem(CONV): _conv(seed=2),  # an old SGM stem
+               OUT0: _linear(seed=3), "lora_unet_up_blocks_1_attentions_0_proj_in": _linear(seed=4)}
+    path = save_lora(tmp_path / "x.safetensors", weights, dtype=None, stems=stems)
+    assert _file_stems(path) == {DIFF_Q, DIFF_CONV, kohya_stem(OUT0), "lora_unet_up_blocks_1_attentions_0_proj_in"}
+    bundle = load_lora(path)
+    torch.testing.assert_close(bundle.weights[DIFF_CONV].delta(), weights[kohya_stem(CONV)].delta())
+    with pytest.raises(LoraFormatError, match="both map to kohya key"):
+        save_lora(tmp_path / "y.safetensors", {Q: _linear(), DIFF_Q: _linear()}, stems=stems)
+
+
+def test_bundles_carry_stems_and_files_with_them_resolve_through_the_inverse_map(tmp_path):
+    assert LoraBundle({Q: _linear()}).stems == {}
+    path = save_lora(tmp_path / "x.safetensors", {Q: _linear(), CONV: _conv()}, stems={Q: DIFF_Q, CONV: DIFF_CONV})
+    bundle = load_lora(path)
+    _, plain = resolve(bundle, _module_shapes())
+    assert plain.matched == 0, "diffusers stems need the model's map"
+    resolved, report = resolve(bundle, _module_shapes(), {DIFF_Q: Q, DIFF_CONV: CONV})
+    assert report.ok and set(resolved) == {Q, CONV}
+
+
+ADAPTER = "lora_adapter_metadata"
+
+
+def _peft_file(tmp_path, stems: dict[str, LoraWeight], header: dict | None, alpha_keys=()) -> str:
+    tensors = {}
+    for stem, w in stems.items():
+        tensors.update(_pair(stem, ".lora_A.weight", ".lora_B.weight", w, alpha=8 if stem in alpha_keys else None))
+    meta = {"format": "pt"} if header is None else {"format": "pt", ADAPTER: json.dumps(header)}
+    return _write(tmp_path / "peft.safetensors", tensors, meta)
+
+
+def test_load_reads_diffusers_adapter_metadata_alpha(tmp_path):
+    """diffusers keeps alpha in a lora_adapter_metadata header ('unet.lora_alpha', 'unet.r', patterns); a LoRA
+    with lora_alpha 8, r 4 is meant at scale 2, not 1. alpha_pattern / rank_pattern match the module name's end."""
+    base = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
+    stems = {f"{base}.attn1.to_q": _linear(rank=4), f"{base}.attn1.to_v": _linear(rank=4),
+             f"{base}.attn2.to_k": _linear(rank=2), f"{base}.attn1.to_out.0": _linear(rank=4)}
+    header = {"unet.r": 4, "unet.lora_alpha": 8, "unet.use_rslora": False, "unet.peft_type": "LORA",
+              "unet.alpha_pattern": {"attn1.to_v": 2}, "unet.rank_pattern": {"attn2.to_k": 2},
+              "text_encoder.r": 16, "text_encoder.lora_alpha": 1}
+    bundle = load_lora(_peft_file(tmp_path, stems, header))
+    scales = {k.split("transformer_blocks.0.")[1]: w.scale for k, w in bundle.weights.items()}
+    assert scales == {"attn1.to_q": 2.0, "attn1.to_v": 0.5, "attn2.to_k": 4.0, "attn1.to_out.0": 2.0}
+    torch.testing.assert_close(bundle.weights[f"{base}.attn1.to_q"].delta(), 2.0 * stems[f"{base}.attn1.to_q"].delta())
+
+
+def test_adapter_metadata_unprefixed_rslora_and_explicit_alpha(tmp_path):
+    """A model's own save_lora_adapter writes the LoraConfig unprefixed; use_rslora scales by alpha / sqrt(r);
+    an '.alpha' key in the file wins; no header or a header without lora_alpha keeps scale 1."""
+    stems = {"down_blocks.0.attentions.0.proj_in": _linear(rank=4), "mid_block.attentions.0.proj_out": _linear(rank=4)}
+    bundle = load_lora(_peft_file(tmp_path, stems, {"r": 4, "lora_alpha": 8, "use_rslora": True},
+                                  alpha_keys={"mid_block.attentions.0.proj_out"}))
+    assert bundle.weights["down_blocks.0.attentions.0.proj_in"].scale == pytest.approx(8 / 2)
+    assert bundle.weights["mid_block.attentions.0.proj_out"].scale == 2.0  # its .alpha key: 8 / rank 4
+    assert all(w.scale == 1.0 for w in load_lora(_peft_file(tmp_path, stems, None)).weights.values())
+    assert all(w.scale == 1.0 for w in load_lora(_peft_file(tmp_path, stems, {"unet.r": 4})).weights.values())
+
+
+def test_adapter_metadata_bad_values(tmp_path, caplog):
+    stems = {"unet.a.to_q": _linear(rank=4)}
+    path = _write(tmp_path / "x.safetensors", _pair("unet.a.to_q", ".lora_A.weight", ".lora_B.weight", stems["unet.a.to_q"]),
+                  {ADAPTER: "{not json"})
+    assert load_lora(path).weights["unet.a.to_q"].scale == 1.0 and ADAPTER in caplog.text
+    with pytest.raises(LoraFormatError, match=ADAPTER):
+        load_lora(_peft_file(tmp_path, stems, {"unet.r": 4, "unet.lora_alpha": "eight"}))
+
+
 LOAD_STYLES = [
     # (stem as written, down suffix, up suffix, expected bundle key, style)
     (kohya_stem(Q), ".lora_down.weight", ".lora_up.weight", kohya_stem(Q), "kohya"),

@@ -16,10 +16,10 @@ Shapes follow the kohya / ComfyUI file contract:
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
+import re2
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +45,39 @@ PRESET_DOCS: dict[str, str] = {
 
 class LoraConfigError(ValueError):
     """A LoRA setting is invalid; the message names the setting, the value and the fix."""
+
+
+MAX_PATTERN_LEN = 2000
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+def compile_pattern(pattern: str, name: str = "targets"):
+    """A user's regular expression over module names, compiled with RE2.
+
+    RE2 matches in time linear in the name, whatever the pattern: a pattern such as '(.+)+!' that makes Python's
+    backtracking engine run for hours (holding the interpreter lock, so the whole server freezes) is harmless here.
+    The price is RE2's syntax: no lookaround and no backreferences."""
+    if not isinstance(pattern, str):
+        raise LoraConfigError(f"{name} must be text, got {type(pattern).__name__}")
+    if len(pattern) > MAX_PATTERN_LEN:
+        raise LoraConfigError(f"{name} is {len(pattern)} characters long; the limit is {MAX_PATTERN_LEN}: use a "
+                              f"preset ({', '.join(PRESETS)}) or a shorter pattern")
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise LoraConfigError(f"{name} {pattern!r} is neither a preset ({', '.join(PRESETS)}) nor a regular "
+                              f"expression IDLoRA accepts ({why}); patterns use RE2 syntax (no lookaround, no "
+                              f"backreferences), e.g. 'attn2\\.to_(k|v)$'") from None
+
+
+def check_targets(targets: str, exclude: str | None = None) -> None:
+    """Raise LoraConfigError now (before any model loads or job starts) for a target pattern that cannot be used."""
+    if targets not in PRESETS:
+        compile_pattern(targets, "targets")
+    if exclude:
+        compile_pattern(exclude, "exclude")
 
 
 def check_rank_alpha(rank: int, alpha: float | None) -> None:
@@ -120,12 +153,8 @@ def select_targets(model: nn.Module, targets: str = "attn", exclude: str | None 
     pattern = PRESETS.get(targets)
     if pattern is None:
         kinds = (nn.Linear, nn.Conv2d)
-        try:
-            pattern = re.compile(targets).pattern
-        except re.error as e:
-            raise LoraConfigError(f"targets {targets!r} is neither a preset ({', '.join(PRESETS)}) nor a valid "
-                                  f"regular expression ({e})") from None
-    rx, ex = re.compile(pattern), re.compile(exclude) if exclude else None
+    rx = compile_pattern(targets if pattern is None else pattern, "targets")
+    ex = compile_pattern(exclude, "exclude") if exclude else None
     found = {n: m for n, m in model.named_modules()
              if n and isinstance(m, kinds) and rx.search(n) and not (ex and ex.search(n))}
     if not found:

@@ -30,10 +30,10 @@ from ..training import evaluate as ev
 from ..training.lora_format import sanitize_save_name, save_lora
 from ..training.meta_lora_data import scan_identity_folder
 from . import model_source
-from .comfy_adapter import ComfyDiffusion, apply_lora, model_family
+from .comfy_adapter import ComfyDiffusion, apply_lora, kohya_stems, model_family
 from .face_nodes import clip_files, open_clip_scorer
 from .job_nodes import wait_for_job
-from .job_service import load_private_model, manager, torch_device
+from .job_service import claim_output, load_private_model, manager, torch_device
 from .lora_nodes import LORA_SUBDIR, idlora_lora_dir
 from .meta_lora_nodes import dataset_path
 from .types import DiffLoraHandle, FaceEmbedderHandle, JobHandle, LoraHandle, LoraNameOutput, MetaDownHandle
@@ -174,8 +174,8 @@ def _wait(job: str | None, what: str) -> None:
         wait_for_job(job)
 
 
-def _submit(task, name: str, text: str, first: str) -> io.NodeOutput:
-    job = manager().submit(task, name=name)
+def _submit(task, name: str, text: str, first: str, outputs: list[str] = ()) -> io.NodeOutput:
+    job = manager().submit(task, name=name, outputs=outputs)
     return io.NodeOutput(first, job.id, ui={"idlora_job": [job.id], "text": [text]})
 
 
@@ -349,12 +349,14 @@ class TrainLoraAutoencoder(io.ComfyNode):
                              patch=patch, levels=levels, channels=channels, latent_channels=latent_channels,
                              seed=seed).validate()
         cfg.lae_config(1)  # channels / heads errors now, not in the job
-        fname = sanitize_save_name(name)
+        sanitize_save_name(name)  # a bad name fails now, before the wait
         _wait(job, "the LoRA dataset")
         folder = resolve_dataset(dataset)
         names = dataset_identities(folder)
-        task = LaeTask(cfg, str(folder), os.path.join(difflora_dir(), fname), fname, names, torch_device())
-        return _submit(task, fname[:-len(".safetensors")], f"LAE on {len(names)} LoRAs of {folder.name}", fname)
+        stem, (out,) = claim_output(name, difflora_dir())
+        fname = f"{stem}.safetensors"
+        task = LaeTask(cfg, str(folder), out, fname, names, torch_device())
+        return _submit(task, stem, f"LAE on {len(names)} LoRAs of {folder.name}", fname, [out])
 
 
 # -- 3. the DiT ------------------------------------------------------------------------------------------------
@@ -404,16 +406,15 @@ class TrainDiffLora(io.ComfyNode):
         cfg = DiTTrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, hidden=hidden,
                              depth=depth, heads=heads, seed=seed).validate()
         DiTConfig(1, 1, 1, 1, hidden, depth, heads).validate()  # hidden / heads errors now, not in the job
-        fname = sanitize_save_name(name)
+        sanitize_save_name(name)  # a bad name fails now, before the wait
         _wait(job, "the LAE")
         folder = resolve_dataset(dataset)
         names = dataset_identities(folder)
         lae_path = resolve_difflora(lae, "LAE")
-        out = os.path.join(difflora_dir(), fname)
-        if os.path.abspath(out) == os.path.abspath(lae_path):
-            raise ValueError(f"name {name!r} is the LAE's file: give the DiffLoRA another name")
+        stem, (out,) = claim_output(name, difflora_dir())  # never the LAE's file: that one exists
+        fname = f"{stem}.safetensors"
         task = DiffLoraTask(cfg, str(folder), lae_path, out, fname, names, torch_device())
-        return _submit(task, fname[:-len(".safetensors")], f"DiT on {len(names)} LoRAs of {folder.name}", fname)
+        return _submit(task, stem, f"DiT on {len(names)} LoRAs of {folder.name}", fname, [out])
 
 
 # -- 4. load ---------------------------------------------------------------------------------------------------
@@ -539,11 +540,13 @@ class SampleLoraFromFace(io.ComfyNode):
         dev = next(difflora.dit.parameters()).device
         s_img, s_face = difflora.dit.mif.scores(face.float().to(dev), img.float().to(dev))[0].tolist()
         bundle = difflora.bundle(weights, {"idlora_difflora": getattr(difflora, "file_name", ""),
-                                           "idlora_seed": str(seed), "idlora_ddim_steps": str(steps)})
+                                           "idlora_seed": str(seed), "idlora_ddim_steps": str(steps)},
+                                  stems=kohya_stems(model))
         patched, report = apply_lora(model, bundle, strength)
         lora_name, ui = "", {}
         if fname:
-            save_lora(os.path.join(idlora_lora_dir(), fname), bundle.weights, bundle.metadata, dtype=torch.float32)
+            save_lora(os.path.join(idlora_lora_dir(), fname), bundle.weights, bundle.metadata, dtype=torch.float32,
+                      stems=bundle.stems)
             lora_name = f"{LORA_SUBDIR}/{fname}"
             ui["lora_files"] = [lora_name]
         took = time.perf_counter() - start

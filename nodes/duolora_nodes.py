@@ -17,8 +17,8 @@ from ..training.lora_trainer import check_images, prepare_data
 from ..training.mask_plot import mask_rank_table, render_mask_ranks
 from .comfy_adapter import ComfyDiffusion, diffusers_key_map, module_shapes
 from .job_service import load_private_model
-from .lora_nodes import (background_inputs, lora_job_outputs, progress_callback, require_lora, resolve_lora_path,
-                         start_lora_job)
+from .lora_nodes import (background_inputs, check_mode, lora_job_outputs, progress_callback, require_lora,
+                         resolve_lora_path, start_lora_job)
 from .types import LoraHandle
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class DuoLoRAMerge(io.ComfyNode):
                                       pick(style_lora, style_lora_name, "style"), module_shapes(model),
                                       diffusers_key_map(model))
         with torch.inference_mode(False):
-            if mode == "background":
+            if check_mode(mode) == "background":
                 data = encode(ComfyDiffusion(model, clip, vae, load="none"), content_images, style_image,
                               content_prompt, style_prompt, mixed_prompt)
                 return cls.start_job(cfg, content, style, data, name)

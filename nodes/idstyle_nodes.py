@@ -18,7 +18,7 @@ from ..training.lora_format import sanitize_save_name
 from ..training.lora_trainer import check_images, prepare_data
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, _crop_to_multiple
-from .job_service import load_identity_resources, manager
+from .job_service import claim_output, load_identity_resources, manager
 from .lora_nodes import LORA_SUBDIR, idlora_lora_dir
 from .types import FaceEmbedderHandle, JobHandle, LoraNameOutput
 
@@ -161,9 +161,7 @@ class TrainIdentityStyle(io.ComfyNode):
         photo = _crop_to_multiple(check_images(photo)[..., :3].clone(), 8)
         check_images(style_image)
         embed = embed_fn(embedder) if embedder is not None and identity_weight > 0 else None
-        stem = sanitize_save_name(name)[:-len(".safetensors")]
-        outputs = {p: {"path": os.path.join(idlora_lora_dir(), f"{stem}_{p}.safetensors"),
-                       "name": f"{LORA_SUBDIR}/{stem}_{p}.safetensors"} for p in ("content", "style")}
+        sanitize_save_name(name)  # a bad name fails now, before the encoding
         prompt, uid = cls.hidden.prompt, cls.hidden.unique_id
         sources = {"model": model_source.record(prompt, uid, "model"), "vae": model_source.record(prompt, uid, "vae")}
         if embed is not None:
@@ -171,8 +169,11 @@ class TrainIdentityStyle(io.ComfyNode):
         with torch.inference_mode(False):
             data = cls.encode(ComfyDiffusion(model, clip, vae, load="none"), photo, style_image, content_prompt,
                               style_prompt, style_content_prompt, embed, embedder)
+        stem, paths = claim_output(name, idlora_lora_dir(), ("_content", "_style"))
+        outputs = {p: {"path": path, "name": f"{LORA_SUBDIR}/{os.path.basename(path)}"}
+                   for p, path in zip(("content", "style"), paths)}
         task = IdentityStyleTask(cfg, outputs, sources, load_identity_resources, data=data, sample_every=sample_every)
-        job = manager().submit(task, name=stem)
+        job = manager().submit(task, name=stem, outputs=paths)
         return io.NodeOutput(job.id, outputs["content"]["name"], outputs["style"]["name"], ui={"idlora_job": [job.id]})
 
     @staticmethod

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _manager: JobManager | None = None
 _lock = threading.Lock()
 CHECKPOINT_EVERY = int(os.environ.get("IDLORA_CHECKPOINT_EVERY", "50"))
+FULL_GC_INTERVAL_S = float(os.environ.get("IDLORA_FULL_GC_INTERVAL_S", "10"))
 
 
 def jobs_root() -> str:
@@ -93,7 +94,8 @@ def manager() -> JobManager:
     with _lock:
         if _manager is None:
             _manager = JobManager(jobs_root(), events=send_event, checkpoint_every=CHECKPOINT_EVERY,
-                                  on_job_end=comfy.model_management.soft_empty_cache)
+                                  on_job_end=comfy.model_management.soft_empty_cache,
+                                  full_gc_interval_s=FULL_GC_INTERVAL_S)
             _manager.register("lora", lambda cfg, d: LoraJobTask.from_config(cfg, d, load_private_model))
             _manager.register("meta_lora_stage1",
                               lambda cfg, d: MetaStage1Task.from_config(cfg, d, load_private_model))

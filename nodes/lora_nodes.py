@@ -18,7 +18,7 @@ from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, check_images, 
 from ..training.loss_plot import plot_losses
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, apply_lora
-from .job_service import load_private_model, manager
+from .job_service import claim_output, load_private_model, manager
 from .types import JobHandle, LoraHandle, LoraNameOutput
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,30 @@ def background_inputs(default_name: str, work: str = "train") -> list:
     """The optional ``mode`` and ``name`` inputs of a node that can run as a background job."""
     return [io.Combo.Input("mode", options=["blocking", "background"], default="blocking", optional=True,
                            tooltip=f"blocking: {work} in this prompt and output the LoRA. background: a job that "
-                                   f"writes models/loras/idlora/<name>.safetensors."),
+                                   f"writes models/loras/idlora/<name>.safetensors (<name>_0001... if that file "
+                                   f"exists: a job never replaces another file)."),
             io.String.Input("name", default=default_name, optional=True, tooltip="Background: job and file name.")]
 
 
+MODES = ("blocking", "background")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode = {mode!r} is invalid: use 'blocking' (train in this prompt) or 'background' (a job)")
+    return mode
+
+
 def start_lora_job(node_cls, name: str, make_task) -> io.NodeOutput:
-    """Submit a background job whose product is models/loras/idlora/<name>.safetensors.
+    """Submit a background job whose product is models/loras/idlora/<name>.safetensors (<name>_0001... when that
+    file exists or belongs to another job: each job writes a file of its own).
 
     ``make_task(output_path, lora_name, model_source)`` builds the task; the node's outputs are (no LoRA, no loss,
     the job id), and the job id goes to the UI."""
-    fname = sanitize_save_name(name)
+    stem, (path,) = claim_output(name, idlora_lora_dir())
     source = model_source.record(node_cls.hidden.prompt, node_cls.hidden.unique_id)
-    task = make_task(os.path.join(idlora_lora_dir(), fname), f"{LORA_SUBDIR}/{fname}", source)
-    job = manager().submit(task, name=fname[:-len(".safetensors")])
+    task = make_task(path, f"{LORA_SUBDIR}/{stem}.safetensors", source)
+    job = manager().submit(task, name=stem, outputs=[path])
     return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
 
 
@@ -114,7 +125,8 @@ class TrainLoRA(io.ComfyNode):
                                tooltip="blocking: train inside this prompt and output the LoRA. background: start "
                                        "a job and output its id at once (connect 'job' to IDLoRA Wait for Job); "
                                        "the LoRA is written to models/loras/idlora/<job_name>.safetensors when it "
-                                       "completes. Each queue run starts a new job."),
+                                       "completes (<job_name>_0001... if that file exists: a job never replaces "
+                                       "another file). Each queue run starts a new job."),
                 io.String.Input("job_name", default="idlora_lora", optional=True,
                                 tooltip="Background mode: the name of the job and of its LoRA file."),
                 io.Int.Input("sample_every", default=25, min=0, max=100000, optional=True,
@@ -138,7 +150,7 @@ class TrainLoRA(io.ComfyNode):
                               targets=target_pattern.strip() or targets, batch_size=batch_size, seed=seed,
                               gradient_checkpointing=gradient_checkpointing, precision=precision).validate()
         split_prompts(prompt, check_images(images).shape[0])  # fail fast, before the model loads
-        if mode == "background":
+        if check_mode(mode) == "background":
             return cls.start_job(model, clip, vae, images, prompt, cfg, job_name, sample_every)
         with torch.inference_mode(False):
             diffusion = ComfyDiffusion(model, clip, vae)
@@ -170,7 +182,8 @@ class SaveLoRA(io.ComfyNode):
                                 tooltip="File name, without folders (letters, digits, '-', '_', '.', spaces). "
                                         "'.safetensors' is added."),
                 io.Boolean.Input("overwrite", default=True,
-                                 tooltip="Replace an existing file of that name. Off: add a number to the name."),
+                                 tooltip="Replace an existing file of that name (never the output file of a "
+                                         "background job). Off: add a number to the name."),
                 io.Combo.Input("precision", options=list(SAVE_DTYPES), default="fp32", optional=True,
                                tooltip="fp32 keeps exactly what the trainer learned; fp16 / bf16 halve the file."),
             ],
@@ -190,10 +203,14 @@ class SaveLoRA(io.ComfyNode):
         path = os.path.join(folder, fname)
         if not overwrite:
             stem, n = fname[:-len(".safetensors")], 1
-            while os.path.exists(path):
+            while os.path.exists(path) or manager().owner(path) is not None:
                 path = os.path.join(folder, f"{stem}_{n:04d}.safetensors")
                 n += 1
-        save_lora(path, lora.weights, lora.metadata, dtype=SAVE_DTYPES[precision])
+        owner = manager().owner(path)
+        if owner is not None:
+            raise ValueError(f"{os.path.basename(path)} is the output file of background job "
+                             f"{owner or '(reserved)'}: give this LoRA another name, so that neither replaces the other")
+        save_lora(path, lora.weights, lora.metadata, dtype=SAVE_DTYPES[precision], stems=lora.stems)
         rel = f"{LORA_SUBDIR}/{os.path.basename(path)}"
         log.info("IDLoRA: saved %s", path)
         return io.NodeOutput(rel, ui={"lora_files": [rel]})

@@ -22,8 +22,8 @@ from ..training.meta_lora_data import encode_identity_set, labels_to_identities,
 from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
 from .comfy_adapter import ComfyDiffusion
-from .job_service import load_private_model, manager
-from .lora_nodes import background_inputs, lora_job_outputs, progress_callback, start_lora_job
+from .job_service import claim_output, load_private_model, manager
+from .lora_nodes import background_inputs, check_mode, lora_job_outputs, progress_callback, start_lora_job
 from .types import JobHandle, LoraHandle, LoraNameOutput, MetaDownHandle
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,14 @@ class MetaStage1(io.ComfyNode):
             identities = [(n, _resize(x, image_size)) for n, x in labels_to_identities(images, labels)]
         else:
             identities = [(n, load_images(paths, image_size)) for n, paths in scan_identity_folder(dataset_path(dataset))]
-        fname = sanitize_save_name(name)
+        sanitize_save_name(name)  # a bad name fails now, before the encoding
         source = model_source.record(cls.hidden.prompt, cls.hidden.unique_id)
         with torch.inference_mode(False):
             data = encode_identity_set(ComfyDiffusion(model, clip, vae, load="none"), identities, class_word, seed)
-        task = MetaStage1Task(cfg, os.path.join(meta_down_dir(), fname), fname, source, load_private_model, data)
-        job = manager().submit(task, name=fname[:-len(".safetensors")])
+        stem, (path,) = claim_output(name, meta_down_dir())
+        fname = f"{stem}.safetensors"
+        task = MetaStage1Task(cfg, path, fname, source, load_private_model, data)
+        job = manager().submit(task, name=stem, outputs=[path])
         return io.NodeOutput(job.id, fname, ui={"idlora_job": [job.id]})
 
 
@@ -230,12 +232,13 @@ class MetaPersonalize(io.ComfyNode):
                              f"(e.g. IDLoRA DiffLoRA Sample or IDLoRA Load LoRA), or leave it unconnected")
         crops, _, _, _ = photo_crops(photo, aug)
         with torch.inference_mode(False):
-            if mode == "background":
+            if check_mode(mode) == "background":
                 diffusion = ComfyDiffusion(model, clip, vae, load="none")
                 init = None
                 if init_lora is not None:  # checked now, stored by module name in the job's data.pt
                     targets = check_meta_down(meta_down["weights"], meta_down["meta"], diffusion)
-                    init = LoraBundle(match_init_lora(init_lora, targets, meta_down["weights"], cfg.rank))
+                    init = LoraBundle(match_init_lora(init_lora, targets, meta_down["weights"], cfg.rank,
+                                                      key_map={s: p for p, s in diffusion.lora_stems.items()}))
                 return cls.start_job(cfg, meta_down, encode_crops(diffusion, crops, prompt), name, init)
             diffusion = ComfyDiffusion(model, clip, vae)
             data = encode_crops(diffusion, crops, prompt)

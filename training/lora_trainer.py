@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..models.lora import LoraConfigError, LoraNetwork, check_rank_alpha, select_targets
-from .diffusion import Cond, DiffusionModel, add_noise, target, to_x0
+from ..models.lora import LoraConfigError, LoraNetwork, check_rank_alpha, check_targets, select_targets
+from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, target, to_x0
 from .lora_format import LoraBundle, LoraWeight
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class LoraTrainConfig:
         need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "use e.g. 1e-4")
         try:
             check_rank_alpha(self.rank, self.alpha)
+            check_targets(self.targets, self.exclude)
         except LoraConfigError as e:
             raise TrainingInputError(str(e)) from None
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use a whole number >= 1")
@@ -379,4 +380,4 @@ class LoraTrainer:
     def bundle(self) -> LoraBundle:
         weights = {n: LoraWeight(layer.down.detach().float().cpu().clone(), layer.up.detach().float().cpu().clone(),
                                  layer.alpha) for n, layer in self.network.items()}
-        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module")
+        return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module", stems=lora_stems(self.model))

@@ -341,3 +341,13 @@ def test_checkpoint_error_is_raised_by_the_context(tmp_path, manager):
     with pytest.raises(CheckpointError, match="Restart"):
         ctx.load_checkpoint()
     jobs_mod._close_logger(ctx.log)
+
+
+def test_owner_names_the_job_of_a_claimed_file(manager, tmp_path):
+    out = tmp_path / "o.safetensors"
+    assert manager.owner(out) is None
+    name = manager.claim_name("o", lambda n: [str(tmp_path / f"{n}.safetensors")])
+    assert manager.owner(out) == ""  # reserved, no job yet
+    job = manager.submit(_task(tmp_path, name, steps=2), name=name, outputs=[str(out)])
+    assert manager.owner(out) == job.id
+    manager.wait(job.id, 60)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,15 @@ def srv(request, server_base):
     s = server_util.start(server_base, comfy_dir(), env=getattr(request.module, "SERVER_ENV", None))
     yield s
     s.stop()
+
+
+WALL_BUDGET_S = 45 * 60  # the suite's budget on CI's 2 cores (see README, Development)
+_T0 = time.perf_counter()  # this file is imported as the session starts
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The suite's wall time against its budget, with the core count it ran on."""
+    wall = time.perf_counter() - _T0
+    over = " (OVER the budget: mark slow tests or share servers)" if wall > WALL_BUDGET_S else ""
+    terminalreporter.write_line(f"IDLoRA test wall time: {wall / 60:.1f} min on {os.cpu_count()} cores; budget "
+                                f"{WALL_BUDGET_S // 60} min{over}")

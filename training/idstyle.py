@@ -27,7 +27,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..models.lora import LoraNetwork, select_targets
+from ..models.lora import LoraNetwork
 from .diffusion import Cond, DiffusionModel, add_noise, lora_key_map, target, to_x0
 from .fileio import atomic_path
 from .identity_loss import EmbedFn, IdentityConfig, IdentityLoss

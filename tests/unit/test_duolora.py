@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from idlora.models.lora import LoraNetwork, select_targets
+from idlora.models.lora import LoraNetwork
 from idlora.models.merge import MergeNetwork
 from idlora.training.duolora import (CONTENT, STYLE, LoraMerger, MergeConfig, MergeData, check_prompts, combine,
                                      layer_prior_loss, resolve_pair)

@@ -13,7 +13,7 @@ from idlora.training.idstyle import (IdentityStyleConfig, IdentityStyleData, Ide
 from idlora.training.jobs import JobManager, JobState
 from idlora.training.lora_format import load_lora
 from idlora.training.lora_trainer import prepare_data
-from idstyle_util import SIZE, backbone, face_photo, landmarks_of
+from idstyle_util import backbone, face_photo, landmarks_of
 from tiny_torch import TinyDiffusion
 
 RESUME_TOL = 1e-6

@@ -2,7 +2,7 @@
 """Background-job benchmark: how responsive ComfyUI stays while an IDLoRA job trains, and what the
 job system costs per training step.
 
-    .venv/bin/python benchmarks/bench_jobs.py [--steps-job 400] [--probes 40] [--gen-probes 5]
+    .venv/bin/python benchmarks/bench_jobs.py [--steps-job 400] [--probes 40] [--gen-probes 5] [--queue-jobs 100]
                                               [--window 30] [--direct-steps 30] [--direct-warmup 3]
 
 1. A real ComfyUI server (main.py --cpu, tests/server_util.py) on a temporary base folder with the
@@ -15,7 +15,11 @@ job system costs per training step.
    "background": the 256 px example image, rank 8, attn, its other inputs as bundled) is started and,
    once it is running, the same probes are repeated while it trains.
 4. p50 / p95 of each probe, idle vs busy, and busy/idle ratios.
-5. Overhead: the job's seconds per step, measured from the timestamps at which its status step
+5. A queue: ``--queue-jobs`` background jobs of ``--queue-steps`` steps each are queued at once (one
+   POST /prompt each, as a script over the HTTP API would), and ``GET /system_stats`` is probed every
+   50 ms from the first POST until the last job has ended: p50 / p95 / max latency while the prompts
+   encode, the jobs rebuild their models, train, save and end one after the other.
+6. Overhead: the job's seconds per step, measured from the timestamps at which its status step
    changes while nothing else runs (median over spans of about 2 s), against ``LoraTrainer.train_step``
    called directly on the same checkpoint, image, prompt and config, in a process of its own, once
    before the server starts and once after it has stopped (median per step). The ratio
@@ -279,6 +283,36 @@ def probe_phase(srv, label: str, n_stats: int, n_gen: int, seed0: int) -> dict:
     return {"stats": stats, "gen": gens, "cpu": cpu}
 
 
+def queue_phase(srv, n_jobs: int, steps: int) -> dict:
+    """Queue ``n_jobs`` background jobs at once; probe /system_stats until the last one has ended."""
+    t0 = time.perf_counter()
+    cpu_a = cpu_snapshot((srv.proc.pid,))
+    for k in range(n_jobs):
+        code, body = srv.queue(job_prompt(f"bench_queue_{k}", steps))
+        if code != 200:
+            raise RuntimeError(f"POST /prompt failed ({code}): {json.dumps(body)[:2000]}")
+    queued_s = time.perf_counter() - t0
+    stats, deadline, last_check = [], time.time() + 1800, 0.0
+    while True:
+        stats.append(stats_latency(srv))
+        time.sleep(STATS_GAP_S)
+        if time.perf_counter() - last_check >= 1.0:
+            last_check = time.perf_counter()
+            q = srv.get("/queue")[1]
+            jobs = [j for j in srv.get("/idlora/jobs")[1]["jobs"] if j["name"].startswith("bench_queue_")]
+            if not q["queue_running"] and not q["queue_pending"] and len(jobs) == n_jobs and \
+                    all(j["state"] in ("succeeded", "failed", "cancelled", "interrupted") for j in jobs):
+                break
+            if time.time() > deadline:
+                raise TimeoutError(f"the {n_jobs} queued jobs did not end in 30 min; server log: {srv.log}")
+    states = [j["state"] for j in jobs]
+    out = {"stats": stats, "seconds": time.perf_counter() - t0, "queued_s": queued_s, "jobs": n_jobs,
+           "succeeded": states.count("succeeded"), "cpu": cpu_usage(cpu_a, cpu_snapshot((srv.proc.pid,)))}
+    say(f"queue: {n_jobs} jobs in {out['seconds']:.0f} s, /system_stats p95 {pct(stats, 95):.1f} ms "
+        f"(max {max(stats):.0f} ms)")
+    return out
+
+
 def job_status(srv, job_id: str) -> dict:
     code, body = srv.get(f"/idlora/jobs/{job_id}")
     if code != 200:
@@ -376,7 +410,7 @@ def cpu_line(idle: dict, busy: dict, window: dict, runs: list[dict]) -> str:
 
 
 def report(args, info: dict, idle: dict, busy: dict, window: dict, probed: dict, runs: list[dict],
-           config: dict, wall_s: float) -> str:
+           config: dict, wall_s: float, queue: dict) -> str:
     direct = runs[-1]
     d_times = [t for r in runs for t in r["times"]]
     d_med = statistics.median(d_times)
@@ -418,6 +452,24 @@ def report(args, info: dict, idle: dict, busy: dict, window: dict, probed: dict,
         "",
         f"The job trained during the whole busy phase: step {probed['step_a']} to {probed['step_b']} "
         f"({probed['s_per_step']:.3f} s/step while probed).",
+        "",
+        f"## Responsiveness with {queue['jobs']} jobs queued",
+        "",
+        f"{queue['jobs']} background jobs of {args.queue_steps} steps each (the same node, one POST /prompt each, "
+        f"all sent in {queue['queued_s']:.1f} s), `GET /system_stats` probed every {STATS_GAP_S * 1000:.0f} ms "
+        f"from the first POST until the last job ended ({queue['seconds']:.0f} s; {queue['succeeded']} of "
+        f"{queue['jobs']} succeeded). The prompts encode their images while earlier jobs rebuild their models, "
+        f"train, save and end; a full garbage collection runs at most every "
+        f"{info['gc_interval']} s on the CPU (`IDLORA_FULL_GC_INTERVAL_S`).",
+        "",
+        "| probe | n | p50 ms | p95 ms | max ms | p95 / idle p95 |",
+        "|---|---|---|---|---|---|",
+        f"| `GET /system_stats` | {len(queue['stats'])} | {ms(pct(queue['stats'], 50))} | "
+        f"{ms(pct(queue['stats'], 95))} | {ms(max(queue['stats']))} | "
+        f"{pct(queue['stats'], 95) / pct(idle['stats'], 95):.2f} |",
+        "",
+        f"CPU during the queue phase, mean cores: ours {queue['cpu']['ours']:.2f}, other processes "
+        f"{queue['cpu']['others']:.2f}.",
         "",
         "## Overhead of the job system: s/step, background job vs the trainer called directly",
         "",
@@ -463,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--direct-steps", type=int, default=30, help="timed steps of each of the two direct trainer "
                     "runs (one before the server starts, one after it stops)")
     ap.add_argument("--direct-warmup", type=int, default=3, help="untimed steps before them, per run")
+    ap.add_argument("--queue-jobs", type=int, default=100, help="jobs queued at once in the queue phase")
+    ap.add_argument("--queue-steps", type=int, default=3, help="steps of each queued job")
     ap.add_argument("--out", type=Path, default=RESULTS, help="Markdown results file")
     ap.add_argument("--direct-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -475,7 +529,8 @@ def main(argv: list[str] | None = None) -> None:
         if venv_py.exists() and Path(sys.executable).resolve() != venv_py.resolve():
             os.execv(str(venv_py), [str(venv_py), str(Path(__file__).resolve()), *sys.argv[1:]])
     for name, v in (("--steps-job", args.steps_job), ("--probes", args.probes), ("--gen-probes", args.gen_probes),
-                    ("--direct-steps", args.direct_steps)):
+                    ("--direct-steps", args.direct_steps), ("--queue-jobs", args.queue_jobs),
+                    ("--queue-steps", args.queue_steps)):
         if v < 1:
             raise SystemExit(f"{name} must be >= 1")
 
@@ -488,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/bench_jobs.py " + " ".join(sys.argv[1:]),
         "cpu": cpu_model(), "alloc": alloc_env(), "load_start": os.getloadavg()[0],
-        "checkpoint_every": checkpoint_every(),
+        "checkpoint_every": checkpoint_every(), "gc_interval": os.environ.get("IDLORA_FULL_GC_INTERVAL_S", "10"),
     }
     with tempfile.TemporaryDirectory(prefix="bench_jobs_") as tmp:
         def direct_run(when: str) -> dict:
@@ -542,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
             deadline = time.time() + 120
             while job_status(srv, job_id)["state"] == "running" and time.time() < deadline:
                 time.sleep(POLL_S)
+            say(f"queue phase: {args.queue_jobs} jobs of {args.queue_steps} steps queued at once")
+            queue = queue_phase(srv, args.queue_jobs, args.queue_steps)
         except BaseException:
             say(f"server log tail:\n{srv.log.read_text()[-4000:]}")
             raise
@@ -551,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(direct_run("after the server stopped"))
     info["load_end"] = os.getloadavg()[0]
 
-    text = report(args, info, idle, busy, window, probed, runs, config, time.perf_counter() - t_wall)
+    text = report(args, info, idle, busy, window, probed, runs, config, time.perf_counter() - t_wall, queue)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

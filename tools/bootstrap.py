@@ -186,8 +186,8 @@ def has_cuda() -> bool:
 
 
 def server_command(base: Path, port: int, listen: str, models_dir: Path | None, extra: list[str]) -> list[str]:
-    cmd = [str(venv_python()), str(comfy_dir() / "main.py"), "--listen", listen, "--port", str(port),
-           "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+    cmd = [str(venv_python()), str(TOOLS / "comfy_main.py"), str(comfy_dir() / "main.py"), "--listen", listen,
+           "--port", str(port), "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
            "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
     if models_dir is not None:
         cmd += ["--extra-model-paths-config", str(extra_model_paths(base, models_dir))]

@@ -48,6 +48,9 @@ def test_demo_runs_the_default_workflow_and_prints_existing_outputs(tmp_path):
     assert any(p.endswith(".png") for k, p in found if k == "image")
     assert any(p.endswith(".safetensors") for k, p in found if k == "LoRA")
     assert "server stopped" in res.stdout and port_is_free(port), res.stdout
+    log = (base / "idlora_demo_server.log").read_text()
+    assert "IMPORT FAILED" not in log and "torchaudio" not in log, log[:4000]  # tools/comfy_main.py's filter
+    assert "custom_nodes/IDLoRA" in log  # ComfyUI's import-times table: the pack loaded
 
 
 def test_demo_fails_clearly_on_a_refused_workflow(tmp_path):

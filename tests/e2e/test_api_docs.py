@@ -51,7 +51,7 @@ def test_api_examples_run_as_written(srv):
     assert run(srv, "python", follow).split() == ["succeeded", "60", "idlora/api_example.safetensors"]
     job2 = run(srv, "bash", queue).strip()
     lines = run(srv, "python", events).splitlines()
-    assert lines[-1].split()[:2] == ["api_example", "succeeded"], lines[-3:]
+    assert lines[-1].split()[:2] == ["api_example_0001", "succeeded"], lines[-3:]  # its own file, not the first's
     assert job2 != job
 
 

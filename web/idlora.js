@@ -5,7 +5,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const JOB_NODES = new Set(["IDLoRATrainLoRA", "IDLoRAWaitForJob", "IDLoRAJobStatus", "IDLoRACancelJob"]);
+const JOB_TYPE = "IDLORA_JOB"; // the wire type of a job id: any node with such an input or output shows its job
 const RUNNING = new Set(["queued", "running"]);
 const RESUMABLE = new Set(["failed", "cancelled", "interrupted"]);
 
@@ -50,7 +50,7 @@ async function fetchLosses(id, force = false) {
 async function fetchLatestSample(id) {
   const { samples } = await getJSON(`/idlora/jobs/${id}/samples`);
   if (samples.length) {
-    entry(id).sample = samples[samples.length - 1].url;
+    entry(id).sample = api.apiURL(samples[samples.length - 1].url);
     renderJob(id);
   }
 }
@@ -59,9 +59,15 @@ async function act(id, verb) {
   try {
     entry(id).status = await getJSON(`/idlora/jobs/${id}/${verb}`, { method: "POST" });
   } catch (err) {
-    alert(`IDLoRA: could not ${verb} job ${id}: ${err.message}`);
+    notify("error", `Could not ${verb} job ${id}`, err.message);
   }
   renderJob(id);
+}
+
+function notify(severity, summary, detail) {
+  const toast = app.extensionManager?.toast;
+  if (toast) toast.add({ severity, summary: `IDLoRA: ${summary}`, detail, life: 8000 });
+  else console.warn(`IDLoRA: ${summary}: ${detail}`);
 }
 
 // -- rendering --------------------------------------------------------------------------------
@@ -150,7 +156,13 @@ function jobOfNode(node) {
   return node.idloraJob ? entry(node.idloraJob).status : null;
 }
 
+function handlesJobs(nodeData) {
+  const inputs = { ...(nodeData.input?.required || {}), ...(nodeData.input?.optional || {}) };
+  return (nodeData.output || []).includes(JOB_TYPE) || Object.values(inputs).some((spec) => spec?.[0] === JOB_TYPE);
+}
+
 function decorate(nodeType) {
+  nodeType.prototype.idloraShowsJob = true;
   const onExecuted = nodeType.prototype.onExecuted;
   nodeType.prototype.onExecuted = function (message) {
     onExecuted?.apply(this, arguments);
@@ -187,7 +199,7 @@ app.registerExtension({
       app.graph?.setDirtyCanvas(true, false);
     });
     api.addEventListener("idlora.sample", ({ detail }) => {
-      entry(detail.id).sample = `/api/idlora/jobs/${detail.id}/samples/${detail.file}`;
+      entry(detail.id).sample = api.apiURL(`/idlora/jobs/${detail.id}/samples/${detail.file}`);
       renderJob(detail.id);
     });
     api.addEventListener("reconnected", () => refreshAll());
@@ -207,6 +219,6 @@ app.registerExtension({
     refreshAll().catch((err) => console.warn("IDLoRA: could not list jobs", err));
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (JOB_NODES.has(nodeData.name)) decorate(nodeType);
+    if (handlesJobs(nodeData)) decorate(nodeType);
   },
 });

@@ -71,3 +71,20 @@ def test_panel_rebuilds_after_reload(srv, page):
     page.locator(".idlora-jobs-tab-button").first.click()
     page.locator(".idlora-job").first.wait_for(timeout=60_000)
     assert page.locator(".idlora-job").count() == len(srv.get("/idlora/jobs")[1]["jobs"])
+
+
+def test_every_node_with_a_job_shows_its_progress(srv, page):
+    """The extension decorates nodes by their job wire type (IDLORA_JOB in or out), so a new job node needs no JS
+    change: every such node of the pack is decorated."""
+    info = srv.get("/object_info")[1]
+
+    def has_job(d: dict) -> bool:
+        inputs = {**d["input"].get("required", {}), **d["input"].get("optional", {})}
+        return "IDLORA_JOB" in d["output"] or any(v and v[0] == "IDLORA_JOB" for v in inputs.values())
+    names = sorted(n for n, d in info.items() if has_job(d))
+    assert len(names) >= 11 and "IDLoRAMetaLoRAStage1" in names, names
+    page.goto(srv.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => window.app && window.LiteGraph && window.app.extensionManager", timeout=120_000)
+    decorated = page.evaluate("(names) => names.filter((n) => "
+                              "window.LiteGraph.registered_node_types[n]?.prototype.idloraShowsJob === true)", names)
+    assert decorated == names

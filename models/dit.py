@@ -12,15 +12,18 @@ S_face * MLP(face). The gate gives two scalars per sample.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Config
+
 
 @dataclass
-class DiTConfig:
+class DiTConfig(Config):
+    _prefix, _label = "DiT ", "DiT settings"
     in_channels: int            # LAE latent channels
     tokens: int                 # LAE latent length T
     face_dim: int               # face-recognition embedding size (ArcFace: 512)
@@ -34,18 +37,10 @@ class DiTConfig:
     def validate(self) -> "DiTConfig":
         for name in ("in_channels", "tokens", "face_dim", "image_dim", "hidden", "depth", "heads", "frequency_dim"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"DiT {name} = {v!r} is invalid: use a whole number >= 1")
+            self.need(isinstance(v, int) and v >= 1, name, "use a whole number >= 1")
         if self.hidden % self.heads:
             raise ValueError(f"DiT hidden = {self.hidden} must be a multiple of heads = {self.heads}")
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:

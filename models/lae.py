@@ -20,15 +20,18 @@ small latent. The head's last layer starts at zero, so an untrained LAE returns 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Config
+
 
 @dataclass
-class LaeConfig:
+class LaeConfig(Config):
+    _prefix, _label = "LAE ", "LAE settings"
     length: int                  # L, numbers in a flat LoRA
     patch: int = 16
     levels: int = 5              # the paper: a 5-layer encoder
@@ -38,11 +41,9 @@ class LaeConfig:
     mlp_hidden: int = 256
 
     def validate(self) -> "LaeConfig":
-        for name, lo in (("length", 1), ("patch", 1), ("levels", 1), ("channels", 1), ("latent_channels", 1),
-                         ("heads", 1), ("mlp_hidden", 1)):
+        for name in ("length", "patch", "levels", "channels", "latent_channels", "heads", "mlp_hidden"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"LAE {name} = {v!r} is invalid: use a whole number >= {lo}")
+            self.need(isinstance(v, int) and v >= 1, name, "use a whole number >= 1")
         if self.channels % self.heads or self.channels % 8:
             raise ValueError(f"LAE channels = {self.channels} must be a multiple of 8 (group norm) and of heads "
                              f"= {self.heads}")
@@ -64,13 +65,6 @@ class LaeConfig:
     def compression(self) -> float:
         c, t = self.latent_shape
         return self.length / (c * t)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LaeConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _norm(c: int) -> nn.GroupNorm:

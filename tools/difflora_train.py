@@ -42,31 +42,31 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, run_main, train_steps  # noqa: E402
+from meta_lora_stage1 import InputError, check_loop_args, run_main, train_steps  # noqa: E402
 
 log = logging.getLogger("idlora.difflora_train")
 
-# (flag, config field, type, help); the defaults are the config dataclasses' (training/difflora.py)
-COMMON = (("--steps", "steps", int, "total optimizer steps"),
-          ("--lr", "learning_rate", float, "learning rate (AdamW)"),
-          ("--batch-size", "batch_size", int, "samples per step and process"),
-          ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-          ("--max-grad-norm", "max_grad_norm", float, "gradient clipping (0: off)"),
-          ("--seed", "seed", int, "seed of the initialisation (shared) and of the batches (seed + rank)"))
-LAE_ONLY = (("--wp-weight", "wp_weight", float, "weight of the weight-preserved loss (0: reconstruction only)"),
-            ("--patch", "patch", int, "numbers per token of the first encoder layer"),
-            ("--levels", "levels", int, "encoder levels (each halves the length after the first)"),
-            ("--channels", "channels", int, "conv channels (a multiple of 8 and of --heads)"),
-            ("--latent-channels", "latent_channels", int, "latent channels"),
-            ("--heads", "heads", int, "attention heads of the middle block"),
-            ("--mlp-hidden", "mlp_hidden", int, "hidden width of the decoder MLP"))
-DIT_ONLY = (("--hidden", "hidden", int, "transformer width (the paper: 1454)"),
-            ("--depth", "depth", int, "transformer blocks (the paper: 16)"),
-            ("--heads", "heads", int, "attention heads (--hidden must be a multiple)"),
-            ("--mlp-ratio", "mlp_ratio", float, "MLP width / --hidden"),
-            ("--timesteps", "timesteps", int, "diffusion steps of the linear schedule (the paper: 1000)"),
-            ("--beta-start", "beta_start", float, "first beta of the schedule (the paper: 1e-4)"),
-            ("--beta-end", "beta_end", float, "last beta of the schedule (the paper: 0.012)"))
+# (flag, config field, help); the types and defaults are the config dataclasses' (training/difflora.py)
+COMMON = (("--steps", "steps", "total optimizer steps"),
+          ("--lr", "learning_rate", "learning rate (AdamW)"),
+          ("--batch-size", "batch_size", "samples per step and process"),
+          ("--weight-decay", "weight_decay", "AdamW weight decay"),
+          ("--max-grad-norm", "max_grad_norm", "gradient clipping (0: off)"),
+          ("--seed", "seed", "seed of the initialisation (shared) and of the batches (seed + rank)"))
+LAE_ONLY = (("--wp-weight", "wp_weight", "weight of the weight-preserved loss (0: reconstruction only)"),
+            ("--patch", "patch", "numbers per token of the first encoder layer"),
+            ("--levels", "levels", "encoder levels (each halves the length after the first)"),
+            ("--channels", "channels", "conv channels (a multiple of 8 and of --heads)"),
+            ("--latent-channels", "latent_channels", "latent channels"),
+            ("--heads", "heads", "attention heads of the middle block"),
+            ("--mlp-hidden", "mlp_hidden", "hidden width of the decoder MLP"))
+DIT_ONLY = (("--hidden", "hidden", "transformer width (the paper: 1454)"),
+            ("--depth", "depth", "transformer blocks (the paper: 16)"),
+            ("--heads", "heads", "attention heads (--hidden must be a multiple)"),
+            ("--mlp-ratio", "mlp_ratio", "MLP width / --hidden"),
+            ("--timesteps", "timesteps", "diffusion steps of the linear schedule (the paper: 1000)"),
+            ("--beta-start", "beta_start", "first beta of the schedule (the paper: 1e-4)"),
+            ("--beta-end", "beta_end", "last beta of the schedule (the paper: 0.012)"))
 
 
 def config_class(stage: str):
@@ -74,23 +74,25 @@ def config_class(stage: str):
     return LaeTrainConfig if stage == "lae" else DiTTrainConfig
 
 
+def flags(stage: str) -> tuple:
+    return COMMON + (LAE_ONLY if stage == "lae" else DIT_ONLY)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from pack import import_pack
     import_pack()
+    from idlora.training.config import add_flags
     p = argparse.ArgumentParser(description="DiffLoRA: train the LoRA autoencoder (lae) or the DiT (dit) on a LoRA "
                                             "dataset folder (single process or under torchrun).")
     sub = p.add_subparsers(dest="stage", required=True, metavar="{lae,dit}")
-    for stage, extra, what in (("lae", LAE_ONLY, "the LoRA autoencoder: writes an LAE file"),
-                               ("dit", DIT_ONLY, "the DiT on the latents of an LAE: writes the DiffLoRA file")):
+    for stage, what in (("lae", "the LoRA autoencoder: writes an LAE file"),
+                        ("dit", "the DiT on the latents of an LAE: writes the DiffLoRA file")):
         s = sub.add_parser(stage, help=what, description=f"Train {what}.")
         s.add_argument("--dataset", required=True, help="LoRA dataset folder (tools/build_lora_dataset.py)")
         if stage == "dit":
             s.add_argument("--lae", required=True, help="the LAE file (difflora_train.py lae) trained on this dataset")
         s.add_argument("--out", required=True, help="the file to write (.safetensors)")
-        defaults = config_class(stage)()
-        for flag, name, typ, text in COMMON + extra:
-            s.add_argument(flag, dest=name, type=typ, default=getattr(defaults, name),
-                           help=f"{text} (default {getattr(defaults, name)})")
+        add_flags(s, config_class(stage), flags(stage))
         s.add_argument("--work", default="", help="folder of the checkpoints and sync log (default: --out's folder)")
         s.add_argument("--checkpoint-every", type=int, default=100,
                        help="write the per-process checkpoints every N steps (0: only at the end)")
@@ -104,9 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train_config(a: argparse.Namespace):
-    cls = config_class(a.stage)
-    names = [name for _, name, _, _ in COMMON + (LAE_ONLY if a.stage == "lae" else DIT_ONLY)]
-    return cls(**{n: getattr(a, n) for n in names}).validate()
+    from idlora.training.config import from_flags
+    return from_flags(config_class(a.stage), a, flags(a.stage))
 
 
 # -- paths and checks ---------------------------------------------------------------------------------
@@ -124,11 +125,7 @@ def sync_path(a: argparse.Namespace) -> Path:
 
 
 def check_args(a: argparse.Namespace) -> None:
-    for name, ok, fix in (("--checkpoint-every", a.checkpoint_every >= 0, "use 0 (only at the end) or N >= 1"),
-                          ("--stop-after", a.stop_after >= 0, "use 0 (off) or N >= 1"),
-                          ("--log-every", a.log_every >= 1, "use N >= 1")):
-        if not ok:
-            raise InputError(f"{name} = {getattr(a, name[2:].replace('-', '_'))} is invalid: {fix}")
+    check_loop_args(a)
     data = Path(a.dataset)
     if not data.is_dir():
         raise InputError(f"--dataset {data} {'is a file' if data.exists() else 'does not exist'}: pass a LoRA "

@@ -47,11 +47,33 @@ RESUME_KEYS = ("res", "class_word", "r1", "r2", "targets", "batch_size", "lr", "
                "bucket_steps", "warmup_fraction", "seed", "precision", "max_grad_norm")
 
 
+# (flag, MetaStage1Config field, help); the types and defaults are the config's (training/meta_lora.py)
+STAGE1_FLAGS = (("--r1", "r1", "Meta-Down rank (the paper: 128)"),
+                ("--r2", "rank", "Mid / Up rank (the paper: 1)"),
+                ("--targets", "targets", "layers to adapt: a preset of models/lora.py or a regex"),
+                ("--steps", "steps", "total iterations q_total"),
+                ("--batch-size", "batch_size", "images per step and process"),
+                ("--lr", "learning_rate", "learning rate (AdamW)"),
+                ("--identities-per-bucket", "identities_per_bucket", "identities trained together per process"),
+                ("--bucket-steps", "bucket_steps",
+                 "iterations per bucket q_bucket (0: each image of a bucket is used about 10 times)"),
+                ("--warmup-fraction", "warmup_fraction",
+                 "share of a bucket's iterations that train only Mid / Up (the paper: 0.4)"),
+                ("--seed", "seed", "seed of the initialisation, the buckets and the batches"),
+                ("--precision", "precision", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32"),
+                ("--max-grad-norm", "max_grad_norm", "gradient clipping (0: off)"),
+                ("--gradient-checkpointing", "gradient_checkpointing", "less memory, about 30%% slower"))
+
+
 class InputError(ValueError):
     """Bad command-line input; the message says what to fix."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pack import import_pack
+    import_pack()
+    from idlora.training.config import add_flags
+    from idlora.training.meta_lora import MetaStage1Config
     p = argparse.ArgumentParser(description="Meta-LoRA stage 1: meta-train the shared Meta-Down over many "
                                             "identities (single process or under torchrun).")
     p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint (.safetensors / .ckpt) "
@@ -61,21 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="", help="name recorded in the Meta-Down file (default: the --out folder's name)")
     p.add_argument("--res", type=int, default=512, help="training resolution in px (square, a multiple of 8)")
     p.add_argument("--class-word", default="person", help="class word of the prompts ('a photo of sks <class word>')")
-    p.add_argument("--r1", type=int, default=128, help="Meta-Down rank (the paper: 128)")
-    p.add_argument("--r2", type=int, default=1, help="Mid / Up rank (the paper: 1)")
-    p.add_argument("--targets", default="attn", help="layers to adapt: a preset of models/lora.py or a regex")
-    p.add_argument("--steps", type=int, default=50000, help="total iterations q_total")
-    p.add_argument("--batch-size", type=int, default=4, help="images per step and process")
-    p.add_argument("--lr", type=float, default=4e-4, help="learning rate (AdamW)")
-    p.add_argument("--identities-per-bucket", type=int, default=8, help="identities trained together per process")
-    p.add_argument("--bucket-steps", type=int, default=0,
-                   help="iterations per bucket q_bucket (0: each image of a bucket is used about 10 times)")
-    p.add_argument("--warmup-fraction", type=float, default=0.4,
-                   help="share of a bucket's iterations that train only Mid / Up (the paper: 0.4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 30%% slower")
+    add_flags(p, MetaStage1Config, STAGE1_FLAGS, steps=50000)
     p.add_argument("--checkpoint-every", type=int, default=500, help="write the per-process checkpoints every N "
                                                                      "steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUTDIR/checkpoint_rank*.pt")
@@ -89,13 +97,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(a: argparse.Namespace) -> None:
-    for name, ok, fix in (("--res", a.res >= 8 and a.res % 8 == 0, "use a multiple of 8, e.g. 512"),
-                          ("--checkpoint-every", a.checkpoint_every >= 0, "use 0 (only at the end) or N >= 1"),
+def check_loop_args(a: argparse.Namespace) -> None:
+    """The flags of ``train_steps`` (both torchrun tools)."""
+    from idlora.models.config import invalid
+    for name, ok, fix in (("--checkpoint-every", a.checkpoint_every >= 0, "use 0 (only at the end) or N >= 1"),
                           ("--stop-after", a.stop_after >= 0, "use 0 (off) or N >= 1"),
                           ("--log-every", a.log_every >= 1, "use N >= 1")):
         if not ok:
-            raise InputError(f"{name} = {getattr(a, name[2:].replace('-', '_'))} is invalid: {fix}")
+            raise invalid(a, name, fix, InputError)
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if not (a.res >= 8 and a.res % 8 == 0):
+        from idlora.models.config import invalid
+        raise invalid(a, "--res", "use a multiple of 8, e.g. 512", InputError)
+    check_loop_args(a)
     if not Path(a.checkpoint).is_file():
         raise InputError(f"--checkpoint {a.checkpoint} is not a file: pass the path of a .safetensors checkpoint")
     if Path(a.out).exists() and not Path(a.out).is_dir():
@@ -291,8 +307,7 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
     out = Path(a.out)
     check_args(a)
     # cheap checks first: every process fails the same way before loading the model
-    from pack import import_pack
-    import_pack()
+    from idlora.training.config import from_flags
     from idlora.training.meta_lora import MetaLoraStage1, MetaStage1Config, save_meta_down
     from idlora.training.meta_lora_data import encode_identity_set, load_images, scan_identity_folder
 
@@ -300,11 +315,7 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
     if len(identities) < world:
         raise InputError(f"{len(identities)} identities for {world} processes: every process needs at least one "
                          f"identity; use fewer processes or more identities")
-    cfg = MetaStage1Config(steps=a.steps, learning_rate=a.lr, rank=a.r2, r1=a.r1, targets=a.targets,
-                           batch_size=a.batch_size, identities_per_bucket=a.identities_per_bucket,
-                           bucket_steps=a.bucket_steps, warmup_fraction=a.warmup_fraction, seed=a.seed,
-                           precision=a.precision, max_grad_norm=a.max_grad_norm,
-                           gradient_checkpointing=a.gradient_checkpointing).validate()
+    cfg = from_flags(MetaStage1Config, a, STAGE1_FLAGS)
     check_resume_files(out, world, a.resume)
     fp = fingerprint(a, identities, world)
     n_images = sum(len(ps) for _, ps in identities)

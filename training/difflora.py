@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from ..models.dit import DiTConfig, LoraDiT
 from ..models.lae import LaeConfig, LoraAutoencoder, lae_loss
+from .config import TrainingConfig
 from .fileio import atomic_path
 from .lora_format import LoraBundle, LoraWeight
 from .lora_trainer import NonFiniteLossError, TrainingInputError
@@ -47,13 +48,8 @@ class DiffLoraFileError(ValueError):
 
 # -- configs ----------------------------------------------------------------------------------------
 
-def _need(cfg, name: str, ok: bool, fix: str) -> None:
-    if not ok:
-        raise TrainingInputError(f"{name} = {getattr(cfg, name)!r} is invalid: {fix}")
-
-
 @dataclass
-class LaeTrainConfig:
+class LaeTrainConfig(TrainingConfig):
     steps: int = 2000
     learning_rate: float = 2e-5     # the paper (batch 4); small populations train faster with ~1e-3
     batch_size: int = 4
@@ -69,11 +65,8 @@ class LaeTrainConfig:
     mlp_hidden: int = 256
 
     def validate(self) -> "LaeTrainConfig":
-        _need(self, "steps", isinstance(self.steps, int) and self.steps >= 1, "use a whole number >= 1")
-        _need(self, "learning_rate", math.isfinite(self.learning_rate) and self.learning_rate > 0, "use e.g. 2e-5")
-        _need(self, "batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "use a number >= 1")
-        _need(self, "wp_weight", self.wp_weight >= 0, "use a number >= 0 (0 turns the WP loss off)")
-        _need(self, "max_grad_norm", self.max_grad_norm >= 0, "use a number >= 0 (0 disables clipping)")
+        check_common(self, "2e-5")
+        self.need(self.wp_weight >= 0, "wp_weight", "use a number >= 0 (0 turns the WP loss off)")
         return self
 
     def lae_config(self, length: int) -> LaeConfig:
@@ -83,17 +76,17 @@ class LaeTrainConfig:
         except ValueError as e:
             raise TrainingInputError(str(e)) from None
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LaeTrainConfig":
-        return _from_dict(cls, d)
 
-
-def _from_dict(cls, d: dict):
-    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+def check_common(cfg: LaeTrainConfig | DiTTrainConfig, lr_example: str) -> None:
+    """The settings both DiffLoRA trainers share."""
+    cfg.need(isinstance(cfg.steps, int) and cfg.steps >= 1, "steps", "use a whole number >= 1")
+    cfg.need(math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, "learning_rate", f"use e.g. {lr_example}")
+    cfg.need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size", "use a number >= 1")
+    cfg.need(cfg.max_grad_norm >= 0, "max_grad_norm", "use a number >= 0 (0 disables clipping)")
 
 
 @dataclass
-class DiTTrainConfig:
+class DiTTrainConfig(TrainingConfig):
     steps: int = 5000
     learning_rate: float = 1e-4
     batch_size: int = 32
@@ -109,17 +102,10 @@ class DiTTrainConfig:
     beta_end: float = 0.012
 
     def validate(self) -> "DiTTrainConfig":
-        _need(self, "steps", isinstance(self.steps, int) and self.steps >= 1, "use a whole number >= 1")
-        _need(self, "learning_rate", math.isfinite(self.learning_rate) and self.learning_rate > 0, "use e.g. 1e-4")
-        _need(self, "batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "use a number >= 1")
-        _need(self, "timesteps", isinstance(self.timesteps, int) and self.timesteps >= 2, "use e.g. 1000")
-        _need(self, "beta_end", 0 < self.beta_start < self.beta_end < 1, "use 0 < beta_start < beta_end < 1")
-        _need(self, "max_grad_norm", self.max_grad_norm >= 0, "use a number >= 0 (0 disables clipping)")
+        check_common(self, "1e-4")
+        self.need(isinstance(self.timesteps, int) and self.timesteps >= 2, "timesteps", "use e.g. 1000")
+        self.need(0 < self.beta_start < self.beta_end < 1, "beta_end", "use 0 < beta_start < beta_end < 1")
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiTTrainConfig":
-        return _from_dict(cls, d)
 
 
 # -- schedule and DDIM ------------------------------------------------------------------------------
@@ -420,16 +406,27 @@ def load_difflora(path: str | Path, device: torch.device | str = "cpu") -> DiffL
     if header.get("idlora_kind") not in (KIND_LAE, KIND_DIFFLORA):
         raise DiffLoraFileError(f"{path} is not a DiffLoRA or LAE file (no idlora_kind in its metadata): pick a file "
                                 f"written by IDLoRA Train LoRA Autoencoder or IDLoRA Train DiffLoRA")
-    lae = LoraAutoencoder(LaeConfig.from_dict(json.loads(header["idlora_lae_config"])))
+    lae = LoraAutoencoder(_file_config(path, header, "idlora_lae_config", LaeConfig))
     lae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("lae.")})
     dit, scale, schedule = None, 1.0, {}
     if header["idlora_kind"] == KIND_DIFFLORA:
-        dit = LoraDiT(DiTConfig.from_dict(json.loads(header["idlora_dit_config"])))
+        dit = LoraDiT(_file_config(path, header, "idlora_dit_config", DiTConfig))
         dit.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("dit.")})
         scale, schedule = float(header["idlora_latent_scale"]), json.loads(header["idlora_schedule"])
     model = DiffLora(LoraLayout.from_json(header["idlora_layout"]), lae, dit, scale, schedule,
                      json.loads(header.get("idlora_meta", "{}")))
     return model.to(device).eval()
+
+
+def _file_config(path: Path, header: dict, key: str, cls):
+    """A file's LAE / DiT config, read strictly. Every version so far wrote exactly the fields of LaeConfig /
+    DiTConfig (``cfg.to_dict()``), so there are no retired keys to drop; a key a config no longer has must be listed
+    and dropped here, never ignored by ``from_dict``."""
+    try:
+        return cls.from_dict(json.loads(header[key]))
+    except (ValueError, KeyError) as e:
+        raise DiffLoraFileError(f"{path}: its {key} does not fit this version of IDLoRA ({e}): train it "
+                                f"again") from None
 
 
 def schedule_of(cfg: DiTTrainConfig) -> dict:

@@ -64,30 +64,20 @@ class MergeConfig(LoraTrainConfig):
     prune_below: float = 0.0          # export: drop rank components with |mask| <= this (0: exact zeros only)
 
     def validate(self) -> "MergeConfig":
-        if self.method not in MERGE_METHODS:
-            raise TrainingInputError(f"method = {self.method!r} is invalid: use one of {MERGE_METHODS}")
+        need = self.need
+        need(self.method in MERGE_METHODS, "method", f"use one of {MERGE_METHODS}")
         if self.method == "naive":
             self.steps = max(self.steps, 1)
         super().validate()
-        for name, ok, fix in (
-                ("lambda_cycle", self.lambda_cycle >= 0, "use a number >= 0 (the paper: 0.01)"),
-                ("lambda_layer_prior", self.lambda_layer_prior >= 0, "use a number >= 0 (the paper: 0.1)"),
-                ("prior_hinge", self.prior_hinge >= 0, "use a number >= 0"),
-                ("t_content", 0 <= self.t_content <= 1, "use a fraction 0..1 (Table 7: 0.75)"),
-                ("t_style", 0 <= self.t_style <= 1, "use a fraction 0..1 (Table 7: 0.5)"),
-                ("cycle_every", isinstance(self.cycle_every, int) and self.cycle_every >= 1, "use a whole number >= 1"),
-                ("cached_draws", isinstance(self.cached_draws, int) and self.cached_draws >= 1, "use a whole number >= 1"),
-                ("prune_below", self.prune_below >= 0, "use 0 (exact export) or a small positive threshold")):
-            if not ok:
-                raise TrainingInputError(f"{name} = {getattr(self, name)!r} is invalid: {fix}")
+        need(self.lambda_cycle >= 0, "lambda_cycle", "use a number >= 0 (the paper: 0.01)")
+        need(self.lambda_layer_prior >= 0, "lambda_layer_prior", "use a number >= 0 (the paper: 0.1)")
+        need(self.prior_hinge >= 0, "prior_hinge", "use a number >= 0")
+        need(0 <= self.t_content <= 1, "t_content", "use a fraction 0..1 (Table 7: 0.75)")
+        need(0 <= self.t_style <= 1, "t_style", "use a fraction 0..1 (Table 7: 0.5)")
+        need(isinstance(self.cycle_every, int) and self.cycle_every >= 1, "cycle_every", "use a whole number >= 1")
+        need(isinstance(self.cached_draws, int) and self.cached_draws >= 1, "cached_draws", "use a whole number >= 1")
+        need(self.prune_below >= 0, "prune_below", "use 0 (exact export) or a small positive threshold")
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MergeConfig":
-        d = dict(d)
-        if "naive_weights" in d:
-            d["naive_weights"] = tuple(d["naive_weights"])
-        return super().from_dict(d)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.face_crop import crop_faces, similarity_matrix
+from .config import Config, ConfigError
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]   # model-space latents (B, C, h, w) -> RGB (B, 3, 8h, 8w) in [0, 1]
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]   # aligned face crops (B, 3, S, S) in [0, 1] -> (B, D)
@@ -27,12 +28,13 @@ DECODERS = ("vae", "taesd")
 LATENT_SCALE = 8  # pixels per latent pixel (SD1.x, SDXL)
 
 
-class IdentityConfigError(ValueError):
+class IdentityConfigError(ConfigError):
     """A bad identity-loss setting; the message names it, the value and the fix."""
 
 
 @dataclass
-class IdentityConfig:
+class IdentityConfig(Config):
+    _error, _prefix, _label = IdentityConfigError, "identity ", "identity settings"
     weight: float = 0.1                               # lambda in L_total = L_x0 + lambda * L_identity
     every: int = 1                                    # apply the term on every k-th step
     timestep_range: tuple[float, float] = (0.0, 0.5)  # fraction of the schedule (0 = no noise) where it applies
@@ -41,9 +43,7 @@ class IdentityConfig:
     margin: int = 2                                   # latent pixels of decoder context around that window
 
     def validate(self) -> "IdentityConfig":
-        def need(ok: bool, name: str, fix: str) -> None:
-            if not ok:
-                raise IdentityConfigError(f"identity {name} = {getattr(self, name)!r} is invalid: {fix}")
+        need = self.need
         need(math.isfinite(self.weight) and self.weight >= 0, "weight", "use a number >= 0 (0 turns the term off)")
         need(isinstance(self.every, int) and self.every >= 1, "every", "use a whole number >= 1")
         lo, hi = self.timestep_range
@@ -51,13 +51,6 @@ class IdentityConfig:
         need(self.decoder in DECODERS, "decoder", f"use one of {DECODERS}")
         need(isinstance(self.margin, int) and self.margin >= 0, "margin", "use a whole number of latent pixels >= 0")
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "IdentityConfig":
-        d = dict(d)
-        if "timestep_range" in d:
-            d["timestep_range"] = tuple(d["timestep_range"])
-        return cls(**d)
 
 
 def face_window(landmarks: torch.Tensor, latent_hw: tuple[int, int], crop_size: int, margin: int) -> tuple[int, ...]:

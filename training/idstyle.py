@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from ..models.lora import LoraNetwork
+from .config import TrainingConfig
 from .diffusion import Cond, DiffusionModel, add_noise, lora_key_map, target, to_x0
 from .fileio import atomic_path
 from .identity_loss import EmbedFn, IdentityConfig, IdentityLoss
 from .lora_format import LoraBundle, LoraFormatError, load_lora, resolve, save_lora
-from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData, TrainingInputError
+from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 
 METHOD = "idlora_identity_style"
 
@@ -68,14 +69,12 @@ class X0TrainConfig(LoraTrainConfig):
 
     def validate(self) -> "X0TrainConfig":
         super().validate()
-        if not (isinstance(self.x0_start_step, int) and 0 <= self.x0_start_step <= self.steps):
-            raise TrainingInputError(f"x0_start_step = {self.x0_start_step!r} is invalid: use a whole number from 0 "
-                                     f"(x0 loss from the start) to steps = {self.steps} (noise loss only)")
+        self.need(isinstance(self.x0_start_step, int) and 0 <= self.x0_start_step <= self.steps, "x0_start_step",
+                  f"use a whole number from 0 (x0 loss from the start) to steps = {self.steps} (noise loss only)")
         lr2 = self.x0_learning_rate
-        if lr2 is not None and not (math.isfinite(lr2) and lr2 > 0):
-            raise TrainingInputError(f"x0_learning_rate = {lr2!r} is invalid: use a number > 0, e.g. 1e-4")
-        if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
-            raise TrainingInputError(f"noise_offset = {self.noise_offset!r} is invalid: use a number >= 0, e.g. 0.03")
+        self.need(lr2 is None or (math.isfinite(lr2) and lr2 > 0), "x0_learning_rate", "use a number > 0, e.g. 1e-4")
+        self.need(math.isfinite(self.noise_offset) and self.noise_offset >= 0, "noise_offset",
+                  "use a number >= 0, e.g. 0.03")
         return self
 
 
@@ -187,7 +186,7 @@ def frozen_network(model: DiffusionModel, bundle: LoraBundle) -> LoraNetwork:
 # -- the job ------------------------------------------------------------------------
 
 @dataclass
-class IdentityStyleConfig:
+class IdentityStyleConfig(TrainingConfig):
     content: X0TrainConfig = field(default_factory=lambda: X0TrainConfig(
         steps=800, learning_rate=2e-4, rank=32, x0_start_step=300, x0_learning_rate=1e-4))
     style_content_steps: int = 600     # the decoupling LoRA on the style image; 0 skips it
@@ -199,9 +198,8 @@ class IdentityStyleConfig:
         self.content.validate()
         self.style.validate()
         self.identity.validate()
-        if not (isinstance(self.style_content_steps, int) and self.style_content_steps >= 0):
-            raise TrainingInputError(f"style_content_steps = {self.style_content_steps!r} is invalid: use a whole "
-                                     f"number >= 0 (0 skips ConsisLoRA's decoupling LoRA)")
+        self.need(isinstance(self.style_content_steps, int) and self.style_content_steps >= 0, "style_content_steps",
+                  "use a whole number >= 0 (0 skips ConsisLoRA's decoupling LoRA)")
         return self
 
     def decouple(self) -> X0TrainConfig:
@@ -216,14 +214,6 @@ class IdentityStyleConfig:
     def steps(self, phase: str) -> int:
         return {"content": self.content.steps, "style_content": self.style_content_steps,
                 "style": self.style.steps}[phase]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "IdentityStyleConfig":
-        return cls(content=X0TrainConfig.from_dict(d["content"]), style_content_steps=int(d["style_content_steps"]),
-                   style=X0TrainConfig.from_dict(d["style"]), identity=IdentityConfig.from_dict(d["identity"]))
 
 
 @dataclass

@@ -28,12 +28,13 @@ import json
 import logging
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
+from .config import TrainingConfig
 from .diffusion import Cond, DiffusionModel
 from .fileio import atomic_path, atomic_write_bytes
 from .lora_format import LoraBundle, load_lora, save_lora
@@ -50,9 +51,10 @@ DatasetStepCallback = Callable[[str, int, int, float], None]  # (identity, step 
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(TrainingConfig):
     """Settings shared by every identity: one architecture (targets + rank) for the whole population. With
     trainer "meta_lora" (Meta-LoRA stage 2 on a Meta-Down file) the targets are the Meta-Down's and rank is r2."""
+    _label = "dataset settings"
     trainer: str = "lora"
     steps: int = 300
     learning_rate: float = 1e-4
@@ -74,9 +76,7 @@ class DatasetConfig:
         return MetaStage2Config(**common) if self.trainer == "meta_lora" else LoraTrainConfig(**common)
 
     def validate(self) -> "DatasetConfig":
-        def need(ok: bool, name: str, fix: str) -> None:
-            if not ok:
-                raise TrainingInputError(f"{name} = {getattr(self, name)!r} is invalid: {fix}")
+        need = self.need
         need(self.trainer in TRAINERS, "trainer", f"use one of {TRAINERS}")
         need(isinstance(self.resolution, int) and self.resolution >= 8 and self.resolution % 8 == 0, "resolution",
              "use a whole number of pixels that is a multiple of 8, e.g. 512")
@@ -86,14 +86,6 @@ class DatasetConfig:
              "use 1 with trainer 'meta_lora' (its crops have different sizes)")
         self.train_config().validate()
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DatasetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingInputError(f"unknown dataset settings {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def file_sha256(path: str | Path) -> str:

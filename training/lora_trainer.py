@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..models.lora import LoraConfigError, LoraNetwork, check_rank_alpha, check_targets, select_targets
+from .config import TrainingConfig, TrainingInputError
 from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, target, to_x0
 from .lora_format import LoraBundle, LoraWeight
 
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-
-
-class TrainingInputError(ValueError):
-    """Bad training input; the message names the input, the value and the fix."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,7 +41,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class LoraTrainConfig:
+class LoraTrainConfig(TrainingConfig):
     steps: int = 300
     learning_rate: float = 1e-4
     rank: int = 16
@@ -61,9 +58,7 @@ class LoraTrainConfig:
     timestep_range: tuple[float, float] = (0.0, 1.0)  # fraction of the schedule that is sampled
 
     def validate(self) -> "LoraTrainConfig":
-        def need(ok: bool, name: str, fix: str) -> None:
-            if not ok:
-                raise TrainingInputError(f"{name} = {getattr(self, name)!r} is invalid: {fix}")
+        need = self.need
         need(isinstance(self.steps, int) and self.steps >= 1, "steps", "use a whole number >= 1")
         need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "use e.g. 1e-4")
         try:
@@ -79,17 +74,6 @@ class LoraTrainConfig:
         lo, hi = self.timestep_range
         need(0 <= lo < hi <= 1, "timestep_range", "use two fractions 0 <= low < high <= 1")
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoraTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainingInputError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "timestep_range" in d:
-            d["timestep_range"] = tuple(d["timestep_range"])
-        return cls(**d)
 
 
 @dataclass
@@ -189,7 +173,8 @@ StepCallback = Callable[[int, int, float], None]  # (step done, total steps, los
 
 
 class LoraTrainer:
-    """Trains one LoRA on cached data. Methods subclass it and override ``loss``."""
+    """Trains one LoRA on cached data. Methods subclass it and override ``loss`` and the other pieces of
+    ``train_step``."""
 
     method = "lora"
 
@@ -243,6 +228,10 @@ class LoraTrainer:
 
     # -- one step ------------------------------------------------------------
     def train_step(self) -> float:
+        """One step: the only step loop of the LoRA trainers. Methods change it through the pieces it calls
+        (``before_step``, ``sample_batch``, ``loss``, ``zero_grad``, ``update_groups``, ``backward``,
+        ``reduce_gradients``, ``update``, ``after_step``), never by copying it."""
+        self.before_step()
         x0, cond, noise, sigma = self.sample_batch()
         amp = (torch.autocast(self.model.device.type, dtype=self.amp_dtype) if self.amp_dtype
                else contextlib.nullcontext())
@@ -251,23 +240,53 @@ class LoraTrainer:
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLossError(self.step + 1, value, self.scheduler.get_last_lr()[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        self.zero_grad()
+        groups = self.update_groups()
+        self.backward(loss, [opt for opt, _ in groups])
+        self.reduce_gradients()
+        self.update(groups)
         self.step += 1
         self.losses.append(value)
+        self.after_step()
         return value
+
+    def before_step(self) -> None:
+        """Set-up before the batch is drawn (Meta-LoRA stage 1: its bucket)."""
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update_groups(self) -> list[tuple[torch.optim.Optimizer, list[nn.Parameter]]]:
+        """(optimizer, its parameters) for each optimizer this step steps; each group is clipped on its own."""
+        return [(self.optimizer, self.trainable_parameters())]
+
+    def backward(self, loss: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            for opt in optimizers:
+                self.scaler.unscale_(opt)
+        else:
+            loss.backward()
+
+    def reduce_gradients(self) -> None:
+        """Combine the gradients across processes before clipping (data parallelism); one process: nothing."""
+
+    def update(self, groups: list[tuple[torch.optim.Optimizer, list[nn.Parameter]]]) -> None:
+        """Clip and step each group; the scheduler follows ``self.optimizer`` (it advances when that one steps)."""
+        for opt, params in groups:
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            if self.scaler:
+                self.scaler.step(opt)
+            else:
+                opt.step()
+        if self.scaler:
+            self.scaler.update()
+        if any(opt is self.optimizer for opt, _ in groups):
+            self.scheduler.step()
+
+    def after_step(self) -> None:
+        """Book-keeping once ``self.step`` counts the finished step."""
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..models.face_detect import FIX_HINT, FaceDetector, NoFaceError, to_rgb_uint8
+from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ DEFAULT_RATIOS = ((16, 9), (4, 3), (1, 1), (3, 4), (9, 16))  # (width, height)
 DEFAULT_SCALES = (1.5, 2.0, 2.5, 3.5, 4.5)  # shorter crop side, in units of f_long
 
 
-class AugmentConfigError(ValueError):
+class AugmentConfigError(ConfigError):
     """An :class:`AugmentConfig` value is invalid; the message names it and says how to fix it."""
 
 
@@ -61,7 +62,7 @@ class FaceNotFoundError(NoFaceError):
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Config):
     """Settings of the stage-2 augmentation.
 
     ``ratios`` are (width, height) pairs; ``scales`` set the shorter crop side as a multiple
@@ -71,6 +72,7 @@ class AugmentConfig:
     aspect, with both sides rounded to a multiple of ``multiple``; ``out_area = 0`` keeps
     the crops at source resolution.
     """
+    _error, _label = AugmentConfigError, "augmentation settings"
     ratios: Sequence[tuple[int, int]] = DEFAULT_RATIOS
     scales: Sequence[float] = DEFAULT_SCALES
     max_images: int = 25
@@ -83,38 +85,32 @@ class AugmentConfig:
         """Raise :class:`AugmentConfigError` for the first invalid value; return self."""
         self._validate_ratios()
         self._validate_scales()
-        _check_int("max_images", self.max_images, 1, "use a whole number >= 1, e.g. 25 (5 ratios x 5 scales)")
-        if not (_is_number(self.flip_prob) and 0.0 <= self.flip_prob <= 1.0):
-            raise AugmentConfigError(f"flip_prob = {self.flip_prob!r} is invalid: use a number from 0 (never "
-                                     f"flip) to 1 (always flip), e.g. 0.5")
-        _check_int("seed", self.seed, None, "use a whole number, e.g. 0")
-        _check_int("multiple", self.multiple, 1, "use a whole number >= 1, e.g. 64 (8 for a VAE's minimum)")
-        _check_int("out_area", self.out_area, 0, "use a whole number of pixels, e.g. 262144 (512*512), "
-                                                 "or 0 to keep the crops' own size")
-        if 0 < self.out_area < self.multiple ** 2:
-            raise AugmentConfigError(f"out_area = {self.out_area} is smaller than multiple**2 = "
-                                     f"{self.multiple ** 2}: raise out_area (e.g. 262144) or lower multiple")
+        need = self.need
+        need(_is_int(self.max_images, 1), "max_images", "use a whole number >= 1, e.g. 25 (5 ratios x 5 scales)")
+        need(_is_number(self.flip_prob) and 0.0 <= self.flip_prob <= 1.0, "flip_prob",
+             "use a number from 0 (never flip) to 1 (always flip), e.g. 0.5")
+        need(_is_int(self.seed), "seed", "use a whole number, e.g. 0")
+        need(_is_int(self.multiple, 1), "multiple", "use a whole number >= 1, e.g. 64 (8 for a VAE's minimum)")
+        need(_is_int(self.out_area, 0), "out_area", "use a whole number of pixels, e.g. 262144 (512*512), or 0 to "
+                                                    "keep the crops' own size")
+        need(not 0 < self.out_area < self.multiple ** 2, "out_area", f"it is smaller than multiple**2 = "
+             f"{self.multiple ** 2}: raise out_area (e.g. 262144) or lower multiple")
         return self
 
     def _validate_ratios(self) -> None:
         ratios = list(self.ratios) if isinstance(self.ratios, (list, tuple)) else None
-        if not ratios:
-            raise AugmentConfigError(f"ratios = {self.ratios!r} is invalid: use a non-empty list of "
-                                     f"(width, height) pairs, e.g. {DEFAULT_RATIOS}")
+        self.need(bool(ratios), "ratios", f"use a non-empty list of (width, height) pairs, e.g. {DEFAULT_RATIOS}")
         for r in ratios:
-            ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_number(v) and v > 0 for v in r)
-            if not ok:
+            if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_number(v) and v > 0 for v in r)):
                 raise AugmentConfigError(f"ratios entry {r!r} is invalid: each ratio is a (width, height) "
                                          f"pair of positive numbers, e.g. (16, 9)")
 
     def _validate_scales(self) -> None:
         scales = list(self.scales) if isinstance(self.scales, (list, tuple)) else None
-        if not scales:
-            raise AugmentConfigError(f"scales = {self.scales!r} is invalid: use a non-empty list of "
-                                     f"numbers > 0, e.g. {DEFAULT_SCALES}")
-        for s in scales:
-            if not (_is_number(s) and s > 0):
-                raise AugmentConfigError(f"scales entry {s!r} is invalid: each scale is a number > 0 "
+        self.need(bool(scales), "scales", f"use a non-empty list of numbers > 0, e.g. {DEFAULT_SCALES}")
+        for v in scales:
+            if not (_is_number(v) and v > 0):
+                raise AugmentConfigError(f"scales entry {v!r} is invalid: each scale is a number > 0 "
                                          f"(shorter crop side / longer face-box side), e.g. 2.0")
 
 
@@ -156,10 +152,9 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_int(name: str, value: Any, minimum: int | None, fix: str) -> None:
+def _is_int(value: Any, minimum: int | None = None) -> bool:
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not ok or (minimum is not None and value < minimum):
-        raise AugmentConfigError(f"{name} = {value!r} is invalid: {fix}")
+    return ok and (minimum is None or value >= minimum)
 
 
 def _round(v: float) -> int:

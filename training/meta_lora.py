@@ -13,7 +13,6 @@ it exactly to a standard rank-r2 LoRA (lora_down = mid @ meta_down, lora_up = up
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -118,13 +117,10 @@ class MetaStage1Config(LoraTrainConfig):
             raise TrainingInputError(str(e)) from None
         if self.precision == "fp16":
             raise TrainingInputError("precision = 'fp16' is not supported by Meta-LoRA: use auto, bf16 or fp32")
-        for name, ok, fix in (
-                ("identities_per_bucket", self.identities_per_bucket >= 1, "use a whole number >= 1"),
-                ("bucket_steps", self.bucket_steps >= 0, "use 0 (automatic) or a whole number >= 1"),
-                ("uses_per_image", self.uses_per_image > 0, "use a number > 0 (the paper: 10)"),
-                ("warmup_fraction", 0 <= self.warmup_fraction < 1, "use a fraction 0 <= f < 1 (the paper: 0.4)")):
-            if not ok:
-                raise TrainingInputError(f"{name} = {getattr(self, name)!r} is invalid: {fix}")
+        self.need(self.identities_per_bucket >= 1, "identities_per_bucket", "use a whole number >= 1")
+        self.need(self.bucket_steps >= 0, "bucket_steps", "use 0 (automatic) or a whole number >= 1")
+        self.need(self.uses_per_image > 0, "uses_per_image", "use a number > 0 (the paper: 10)")
+        self.need(0 <= self.warmup_fraction < 1, "warmup_fraction", "use a fraction 0 <= f < 1 (the paper: 0.4)")
         return self
 
 
@@ -348,6 +344,7 @@ class MetaLoraStage1(LoraTrainer):
         self.bucket: list[int] = []
         self.id_optimizer: torch.optim.Optimizer | None = None
         self.warmup_log: list[tuple[int, bool]] = []
+        self.warm = False
 
     def build_network(self, targets) -> MetaLoraNetwork:
         slots = min(self.cfg.identities_per_bucket, len(self.my_ids))
@@ -397,40 +394,32 @@ class MetaLoraStage1(LoraTrainer):
         t = torch.randint(*self.t_range, (b,), generator=g)
         return x0, cond, noise, self.model.sigmas[t].to(x0.device)
 
-    # -- one step ----------------------------------------------------------------------------------
-    def train_step(self) -> float:
+    # -- one step (LoraTrainer.train_step's pieces) -----------------------------------------------------
+    def before_step(self) -> None:
         if self.in_bucket == 0:
             self.enter_bucket()
-        warm = self.in_bucket < self.q_warmup
-        self.network.meta_down.requires_grad_(not warm)
-        x0, cond, noise, sigma = self.sample_batch()
-        amp = (torch.autocast(self.model.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
-        with amp:
-            loss = self.loss(x0, cond, noise, sigma)
-        value = loss.item()
-        if not math.isfinite(value):
-            from .lora_trainer import NonFiniteLossError
-            raise NonFiniteLossError(self.step + 1, value, self.cfg.learning_rate)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.warm = self.in_bucket < self.q_warmup  # the warm-up trains only Mid / Up
+        self.network.meta_down.requires_grad_(not self.warm)
+
+    def zero_grad(self) -> None:
+        super().zero_grad()
         self.id_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not warm:
+
+    def update_groups(self):
+        """The bucket's Mid / Up, and after the warm-up the Meta-Down, clipped separately: the shared gradient is
+        equal on every rank and must stay so."""
+        groups = [(self.id_optimizer, self.network.identity_parameters())]
+        return groups if self.warm else groups + [(self.optimizer, self.network.shared_parameters())]
+
+    def reduce_gradients(self) -> None:
+        if not self.warm:
             self.all_reduce_shared()
-        if self.cfg.max_grad_norm:  # separately: the shared gradient is equal on every rank and must stay so
-            torch.nn.utils.clip_grad_norm_(self.network.identity_parameters(), self.cfg.max_grad_norm)
-            if not warm:
-                torch.nn.utils.clip_grad_norm_(self.network.shared_parameters(), self.cfg.max_grad_norm)
-        self.id_optimizer.step()
-        if not warm:
-            self.optimizer.step()
-        self.warmup_log.append((self.step + 1, warm))
-        self.step += 1
+
+    def after_step(self) -> None:
+        self.warmup_log.append((self.step, self.warm))
         self.in_bucket += 1
-        self.losses.append(value)
         if self.in_bucket >= self.q_bucket:
             self.leave_bucket()
-        return value
 
     def all_reduce_shared(self) -> None:
         if self.world == 1:

@@ -10,7 +10,7 @@ import torch
 
 from .diffusion import DiffusionModel
 from .duolora import LoraMerger, MergeConfig, MergeData
-from .fileio import atomic_path
+from .jobs import load_job_data, save_job_data
 from .lora_format import save_lora
 
 ModelLoader = Callable[[dict], DiffusionModel]
@@ -29,11 +29,7 @@ class MergeTask:
 
     @classmethod
     def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "MergeTask":
-        path = Path(job_dir) / "data.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (its images and LoRAs); the job cannot "
-                                    f"be rebuilt: start it again from its workflow")
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = load_job_data(job_dir, "its images and LoRAs")
         loras = [{n: (w["down"], w["up"], w["alpha"]) for n, w in d[k].items()} for k in ("content_lora", "style_lora")]
         return cls(MergeConfig.from_dict(config["merge"]), *loras, config["output_path"], config["lora_name"],
                    config["model_source"], model_loader, MergeData(**d["data"]))
@@ -44,8 +40,7 @@ class MergeTask:
         payload = {"data": {"content": d.content.cpu(), "style": d.style.cpu(),
                             **{k: {n: v.cpu() for n, v in getattr(d, k).items()} for k in ("cond_c", "cond_s", "cond_cs")}},
                    "content_lora": pack(self.content), "style_lora": pack(self.style)}
-        with atomic_path(Path(job_dir) / "data.pt") as tmp:
-            torch.save(payload, tmp)
+        save_job_data(job_dir, payload)
 
     def run(self, ctx) -> dict:
         model = self.model_loader(self.config["model_source"])

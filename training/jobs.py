@@ -577,6 +577,32 @@ class JobManager:
         return sorted(p.name for p in folder.glob("*.png")) if folder.is_dir() else []
 
 
+# -- a task's cached data ----------------------------------------------------------------
+
+JOB_DATA = "data.pt"
+
+
+def save_job_data(job_dir: str | os.PathLike, payload: dict) -> None:
+    """Write what a task needs to be rebuilt (encoded images, prompts, LoRAs: tensors, lists, dicts, numbers) to
+    the job folder's data.pt, atomically."""
+    with atomic_path(Path(job_dir) / JOB_DATA) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_job_data(job_dir: str | os.PathLike, what: str) -> dict:
+    """The payload ``save_job_data`` wrote; ``what`` says what it holds, for the error when it is missing or
+    unreadable (the job then cannot be rebuilt and must be started again from its workflow)."""
+    path = Path(job_dir) / JOB_DATA
+    if not path.exists():
+        raise FileNotFoundError(f"the job folder {job_dir} lacks {JOB_DATA} ({what}); the job cannot be rebuilt: "
+                                f"start it again from its workflow")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  truncated or corrupt
+        raise CheckpointError(f"the job's {path} ({what}) is unreadable ({_short_reason(e)}); the job cannot be "
+                              f"rebuilt: start it again from its workflow") from None
+
+
 # -- helpers ------------------------------------------------------------------------
 
 def _write_status(job: Job) -> None:

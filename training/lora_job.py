@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .diffusion import DiffusionModel
-from .fileio import atomic_path
+from .jobs import load_job_data, save_job_data
 from .lora_format import save_lora
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 
@@ -58,16 +58,10 @@ class LoraJobTask:
 
 
 def save_data(data: TrainData, job_dir: Path) -> None:
-    payload = {"latents": data.latents.detach().cpu(), "cond": {k: v.detach().cpu() for k, v in data.cond.items()},
-               "prompts": list(data.prompts)}
-    with atomic_path(Path(job_dir) / "data.pt") as tmp:
-        torch.save(payload, tmp)
+    save_job_data(job_dir, {"latents": data.latents.detach().cpu(), "prompts": list(data.prompts),
+                            "cond": {k: v.detach().cpu() for k, v in data.cond.items()}})
 
 
 def load_data(job_dir: Path) -> TrainData:
-    path = Path(job_dir) / "data.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (its cached training data); the job cannot "
-                                f"be rebuilt: start it again from its workflow")
-    d = torch.load(path, map_location="cpu", weights_only=True)
+    d = load_job_data(job_dir, "its cached training data")
     return TrainData(d["latents"], d["cond"], d["prompts"])

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .diffusion import DiffusionModel
-from .fileio import atomic_path
+from .jobs import load_job_data, save_job_data
 from .lora_format import LoraBundle, LoraWeight, save_lora
 from .meta_lora import (CropData, IdentitySet, MetaLoraPersonalizer, MetaLoraStage1, MetaStage1Config,
                         MetaStage2Config, load_meta_down, save_meta_down)
@@ -22,16 +22,11 @@ ModelLoader = Callable[[dict], DiffusionModel]
 
 
 def _save(payload: dict, job_dir: Path) -> None:
-    with atomic_path(Path(job_dir) / "data.pt") as tmp:
-        torch.save(payload, tmp)
+    save_job_data(job_dir, payload)
 
 
 def _load(job_dir: Path) -> dict:
-    path = Path(job_dir) / "data.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (its encoded images); the job cannot be "
-                                f"rebuilt: start it again from its workflow")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_job_data(job_dir, "its encoded images")
 
 
 class MetaStage1Task:

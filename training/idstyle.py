@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..models.lora import LoraNetwork
 from .config import TrainingConfig
 from .diffusion import Cond, DiffusionModel, add_noise, lora_key_map, target, to_x0
-from .fileio import atomic_path
+from .jobs import load_job_data, save_job_data
 from .identity_loss import EmbedFn, IdentityConfig, IdentityLoss
 from .lora_format import LoraBundle, LoraFormatError, load_lora, resolve, save_lora
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
@@ -242,16 +242,11 @@ class IdentityStyleData:
                    "style_content_cond": {k: v.cpu() for k, v in self.style_content_cond.items()},
                    "landmarks": self.landmarks.cpu(), "references": self.references.cpu(),
                    "crop_size": self.crop_size}
-        with atomic_path(Path(job_dir) / "data.pt") as tmp:
-            torch.save(payload, tmp)
+        save_job_data(job_dir, payload)
 
     @classmethod
     def load(cls, job_dir: Path) -> "IdentityStyleData":
-        path = Path(job_dir) / "data.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (its encoded photo and style image); "
-                                    f"the job cannot be rebuilt: start it again from its workflow")
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = load_job_data(job_dir, "its encoded photo and style image")
 
         def unpack(x: dict) -> TrainData:
             return TrainData(x["latents"], x["cond"], x["prompts"])

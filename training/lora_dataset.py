@@ -37,6 +37,7 @@ import torch
 from .config import TrainingConfig
 from .diffusion import Cond, DiffusionModel
 from .fileio import atomic_path, atomic_write_bytes
+from .jobs import load_job_data, save_job_data
 from .lora_format import LoraBundle, load_lora, save_lora
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData, TrainingInputError
 from .meta_lora import CropData, MetaLoraPersonalizer, MetaStage2Config, load_meta_down
@@ -356,18 +357,13 @@ class LoraDatasetTask:
 
     @classmethod
     def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "LoraDatasetTask":
-        path = Path(job_dir) / "data.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"the job folder {job_dir} lacks data.pt (the encoded identities); the job cannot "
-                                    f"be rebuilt: start it again from its workflow")
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = load_job_data(job_dir, "the encoded identities")
         return cls(DatasetConfig.from_dict(config["dataset"]), config["out_dir"],
                    [IdentityItem.from_dict(x) for x in d["items"]], config["model_source"], model_loader,
                    config.get("meta_down_path"))
 
     def prepare(self, job_dir: Path) -> None:
-        with atomic_path(Path(job_dir) / "data.pt") as tmp:
-            torch.save({"items": [it.to_dict() for it in self.items]}, tmp)
+        save_job_data(job_dir, {"items": [it.to_dict() for it in self.items]})
 
     def run(self, ctx) -> dict:
         model = self.model_loader(self.config["model_source"])

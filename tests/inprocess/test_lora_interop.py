@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,8 +103,9 @@ def _diffusers_fused(unet, path) -> tuple[dict[str, torch.Tensor], int]:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from peft.tuners.lora import LoraLayer
     unet = copy.deepcopy(unet)
-    state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path),
-                                                                                  return_lora_metadata=True)
+    path = Path(path)  # a folder and a weight_name, as users pass it (and as diffusers' offline mode requires)
+    state_dict, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+        str(path.parent), weight_name=path.name, return_lora_metadata=True, local_files_only=True)
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(state_dict, alphas, unet, adapter_name="idlora",
                                                        metadata=metadata)
     injected = sum(1 for m in unet.modules() if isinstance(m, LoraLayer) and "idlora" in m.lora_A)

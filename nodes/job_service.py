@@ -96,18 +96,13 @@ def manager() -> JobManager:
             _manager = JobManager(jobs_root(), events=send_event, checkpoint_every=CHECKPOINT_EVERY,
                                   on_job_end=comfy.model_management.soft_empty_cache,
                                   full_gc_interval_s=FULL_GC_INTERVAL_S)
-            _manager.register("lora", lambda cfg, d: LoraJobTask.from_config(cfg, d, load_private_model))
-            _manager.register("meta_lora_stage1",
-                              lambda cfg, d: MetaStage1Task.from_config(cfg, d, load_private_model))
-            _manager.register("meta_lora_personalize",
-                              lambda cfg, d: MetaPersonalizeTask.from_config(cfg, d, load_private_model))
-            _manager.register("duolora", lambda cfg, d: MergeTask.from_config(cfg, d, load_private_model))
-            _manager.register("idstyle", lambda cfg, d: IdentityStyleTask.from_config(cfg, d,
-                                                                                     load_identity_resources))
-            _manager.register("lora_dataset",
-                              lambda cfg, d: LoraDatasetTask.from_config(cfg, d, load_private_model))
-            _manager.register("difflora_lae", lambda cfg, d: LaeTask.from_config(cfg, d, torch_device()))
-            _manager.register("difflora_dit", lambda cfg, d: DiffLoraTask.from_config(cfg, d, torch_device()))
+            device = torch_device()  # the DiffLoRA jobs hold no MODEL: they train on ComfyUI's torch device
+            for task_cls, resource in ((LoraJobTask, load_private_model), (MetaStage1Task, load_private_model),
+                                       (MetaPersonalizeTask, load_private_model), (MergeTask, load_private_model),
+                                       (IdentityStyleTask, load_identity_resources),
+                                       (LoraDatasetTask, load_private_model), (LaeTask, device),
+                                       (DiffLoraTask, device)):
+                _manager.register_task(task_cls, resource)
             for folder in output_folders():
                 remove_stale_temps(folder)
             for bad in _manager.unreadable:

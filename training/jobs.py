@@ -292,6 +292,11 @@ class JobManager:
     def register(self, kind: str, factory: TaskFactory) -> None:
         self.factories[kind] = factory
 
+    def register_task(self, task_cls: type, *resources: Any) -> None:
+        """Register a Task class under its ``kind``: a resume rebuilds it with
+        ``task_cls.from_config(config, job_folder, *resources)``."""
+        self.register(task_cls.kind, lambda cfg, folder: task_cls.from_config(cfg, folder, *resources))
+
     def _recover(self) -> None:
         """Load the job folders; queued or running jobs of a previous process become interrupted. A folder that
         cannot be read, whatever the reason, is skipped, logged and listed in ``unreadable``."""

@@ -351,3 +351,16 @@ def test_owner_names_the_job_of_a_claimed_file(manager, tmp_path):
     job = manager.submit(_task(tmp_path, name, steps=2), name=name, outputs=[str(out)])
     assert manager.owner(out) == job.id
     manager.wait(job.id, 60)
+
+
+def test_a_task_class_registers_itself_by_its_kind(tmp_path):
+    m = JobManager(tmp_path / "jobs", checkpoint_every=4)
+    m.register_task(LoraJobTask, _loader)
+    job = m.submit(_task(tmp_path, "k", trainer_cls=SlowTrainer), name="k")
+    _wait_step(m, job.id, 2)
+    m.cancel(job.id)
+    m.wait(job.id, 60)
+    m.resume(job.id)  # rebuilt through LoraJobTask.from_config(config, folder, _loader)
+    m.wait(job.id, 60)
+    assert list(m.factories) == ["lora"] and job.status.state == JobState.SUCCEEDED, job.status.error
+    m.shutdown()

@@ -30,7 +30,8 @@ from ..models.face_detect import (FIX_HINT, FaceDetector, InsightFaceDetector, I
 from ..models.face_embed import (DLIB_SAME_PERSON_L2, DlibEmbedder, EmbedResult, FaceEmbedder, TorchEmbedder, l2,
                                  read_rgb, to_uint8_rgb)
 from .fileio import atomic_write_bytes
-from .metrics import MetricResult, clip_i_personalized, clip_i_style, clip_t, cosine_matrix, dino, r_facesim
+from .metrics import (MetricResult, clip_i_personalized, clip_i_style, clip_t, cosine_matrix, dino, metric_result,
+                      r_facesim)
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,6 @@ NOT_CONNECTED = "not computed: input not connected"
 def as_float(result: Optional[MetricResult]) -> float:
     """A metric's mean as a float, NaN when it could not be computed."""
     return float("nan") if result is None or result.mean is None else float(result.mean)
-
-
-def _metric(name: str, values: Sequence[float], no_face: int = 0, **detail) -> MetricResult:
-    vals = [float(v) for v in values]
-    return MetricResult(name, float(np.mean(vals)) if vals else None, vals, len(vals), no_face, dict(detail))
 
 
 # --------------------------------------------------------------------------- face embedders
@@ -280,21 +276,21 @@ def identity_metrics(embedder: FaceEmbedder, generated: Any, reference: Any,
                          f"a photo where the face is frontal and at least ~80 px wide")
     model = {"model": embedder.name, "generated": len(gen.found) + len(gen.missing)}
     cos = cosine_matrix(gen.vectors, ref.vectors) if gen.found else np.zeros((0, 1))
-    out = {"FaceSim": _metric("FaceSim", cos.mean(axis=1), len(gen.missing), **model, no_face_images=gen.missing,
+    out = {"FaceSim": metric_result("FaceSim", cos.mean(axis=1), len(gen.missing), **model, no_face_images=gen.missing,
                               reference_no_face=len(ref.missing))}
     if others is None:
-        out["R-FaceSim"] = _metric("R-FaceSim", [], len(gen.missing), **model, note=NOT_CONNECTED + " (others)")
+        out["R-FaceSim"] = metric_result("R-FaceSim", [], len(gen.missing), **model, note=NOT_CONNECTED + " (others)")
     else:
         oth = embedder.embed(to_rgb_uint8_list(others))
         if oth.found:
             out["R-FaceSim"] = r_facesim({"identity": gen}, {"identity": oth})
             out["R-FaceSim"].detail.update(model, others_no_face=len(oth.missing))
         else:
-            out["R-FaceSim"] = _metric("R-FaceSim", [], len(gen.missing), **model,
+            out["R-FaceSim"] = metric_result("R-FaceSim", [], len(gen.missing), **model,
                                        note=f"not computed: no face in any of the {len(oth.missing)} 'others' images")
     if embedder.name.startswith("dlib"):
         dist = [float(np.mean(l2(v[None], ref.vectors))) for v in gen.vectors]
-        out["FaceL2"] = _metric("FaceL2", dist, len(gen.missing), **model, same_person_below=DLIB_SAME_PERSON_L2,
+        out["FaceL2"] = metric_result("FaceL2", dist, len(gen.missing), **model, same_person_below=DLIB_SAME_PERSON_L2,
                                 note="dlib L2 distance (lower is closer)")
     return out
 
@@ -323,12 +319,12 @@ def clip_metrics(image_features: Callable[[torch.Tensor], torch.Tensor],
         feats = image_features(images01)
         out = {"CLIP-T": clip_t(feats, text_features(prompts))}
         out["CLIP-I (style)"] = (clip_i_style(feats, image_features(style01)) if style01 is not None
-                                 else _metric("CLIP-I (style)", [], note=NOT_CONNECTED + " (style_images)"))
+                                 else metric_result("CLIP-I (style)", [], note=NOT_CONNECTED + " (style_images)"))
         if plain01 is not None and plain01.shape[0] != images01.shape[0]:
             raise ValueError(f"non_personalized has {plain01.shape[0]} images but images has {images01.shape[0]}: "
                              f"CLIP-I compares image i with image i (same prompt and seed, without the LoRA)")
         out["CLIP-I (personalized)"] = (clip_i_personalized(feats, image_features(plain01)) if plain01 is not None
-                                        else _metric("CLIP-I (personalized)", [],
+                                        else metric_result("CLIP-I (personalized)", [],
                                                      note=NOT_CONNECTED + " (non_personalized)"))
     for res in out.values():
         res.detail.setdefault("model", model)
@@ -396,23 +392,23 @@ def evaluate_folders(generated_dir: str | Path, identities_dir: str | Path, embe
         for ident, entry in report["identities"].items():
             entry["metrics"]["FaceL2"] = _face_l2(gens[ident], refs[ident]).as_dict()
         dists = [d for k in gens for d in _face_l2(gens[k], refs[k]).values]
-        report["overall"]["FaceL2"] = _metric("FaceL2", dists, report["overall"]["FaceSim"]["no_face"]).as_dict()
+        report["overall"]["FaceL2"] = metric_result("FaceL2", dists, report["overall"]["FaceSim"]["no_face"]).as_dict()
     return report
 
 
 def _identity_entry(ident, ref_file, rest, made, gen: EmbedResult, oth: Optional[EmbedResult], ref) -> dict:
-    fs = _metric("FaceSim", cosine_matrix(gen.vectors, ref)[:, 0] if gen.found else [], len(gen.missing))
+    fs = metric_result("FaceSim", cosine_matrix(gen.vectors, ref)[:, 0] if gen.found else [], len(gen.missing))
     if oth is not None and oth.found:
         rfs = r_facesim({ident: gen}, {ident: oth})
     else:
-        rfs = _metric("R-FaceSim", [], len(gen.missing), note="not computed: no other photo with a face")
+        rfs = metric_result("R-FaceSim", [], len(gen.missing), note="not computed: no other photo with a face")
     return {"reference": ref_file.name, "others": [f.name for f in rest], "generated": len(made),
             "no_face": len(gen.missing), "no_face_files": [made[i].name for i in gen.missing],
             "metrics": {"FaceSim": fs.as_dict(), "R-FaceSim": rfs.as_dict()}}
 
 
 def _face_l2(gen: EmbedResult, ref: np.ndarray) -> MetricResult:
-    return _metric("FaceL2", [l2(v, ref) for v in gen.vectors], len(gen.missing),
+    return metric_result("FaceL2", [l2(v, ref) for v in gen.vectors], len(gen.missing),
                    same_person_below=DLIB_SAME_PERSON_L2)
 
 
@@ -424,8 +420,8 @@ def _overall(gens: Mapping, others: Mapping, refs: Mapping) -> dict[str, Any]:
         rfs = r_facesim({k: gens[k] for k in scored}, scored)
         rfs.no_face = no_face
     else:
-        rfs = _metric("R-FaceSim", [], no_face, note="not computed: no identity has another photo with a face")
-    return {"FaceSim": _metric("FaceSim", values, no_face).as_dict(), "R-FaceSim": rfs.as_dict()}
+        rfs = metric_result("R-FaceSim", [], no_face, note="not computed: no identity has another photo with a face")
+    return {"FaceSim": metric_result("FaceSim", values, no_face).as_dict(), "R-FaceSim": rfs.as_dict()}
 
 
 # --------------------------------------------------------------------------- reports

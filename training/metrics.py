@@ -98,10 +98,11 @@ def cosine_matrix(a, b) -> np.ndarray:
     return _unit(a) @ _unit(b).T
 
 
-def _result(name: str, values: Sequence[float], no_face: int = 0, **detail) -> MetricResult:
+def metric_result(name: str, values: Sequence[float], no_face: int = 0, **detail) -> MetricResult:
+    """A MetricResult from per-image values (mean over them; None, with a warning, when none was scored)."""
     vals = [float(v) for v in values]
     mean = float(np.mean(vals)) if vals else None
-    if mean is None:
+    if mean is None and "note" not in detail:  # a note says why it was not computed (e.g. an input not connected)
         log.warning("%s: nothing to score (%d images without a face)", name, no_face)
     return MetricResult(name, mean, vals, len(vals), no_face, dict(detail))
 
@@ -134,7 +135,7 @@ def facesim(generated, reference) -> MetricResult:
     if reference is None:
         raise ValueError("FaceSim: the reference image has no face vector (no face found in it?)")
     values = cosine_matrix(gen, reference)[:, 0] if len(gen) else []
-    return _result("FaceSim", values, no_face)
+    return metric_result("FaceSim", values, no_face)
 
 
 def _test_set(identity: Hashable, others: Mapping, references: Optional[Mapping]) -> np.ndarray:
@@ -187,7 +188,7 @@ def r_facesim(generated: Mapping[Hashable, Any], others: Mapping[Hashable, Seque
         values.extend(scores.tolist())
         by_identity[identity] = float(scores.mean()) if len(scores) else None
     name = "R-FaceSim" if references is None else "R-FaceSim (reference included)"
-    res = _result(name, values, no_face, by_identity=by_identity, average=average)
+    res = metric_result(name, values, no_face, by_identity=by_identity, average=average)
     if average == "identities":
         means = [m for m in by_identity.values() if m is not None]
         res.mean = float(np.mean(means)) if means else None
@@ -208,7 +209,7 @@ def clip_t(image_feats, text_feats) -> MetricResult:
         txt = np.repeat(txt, len(img), axis=0)
     if len(txt) != len(img):
         raise ValueError(f"CLIP-T pairs image i with prompt i: {len(img)} images vs {len(txt)} prompts")
-    return _result("CLIP-T", _paired(img, txt))
+    return metric_result("CLIP-T", _paired(img, txt))
 
 
 def _paired(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -227,8 +228,8 @@ def clip_i(a_feats, b_feats, paired: bool = False, name: str = "CLIP-I") -> Metr
     if paired:
         if len(a) != len(b):
             raise ValueError(f"{name} compares pairs: {len(a)} vs {len(b)} images")
-        return _result(name, _paired(a, b))
-    return _result(name, cosine_matrix(a, b).mean(axis=1))
+        return metric_result(name, _paired(a, b))
+    return metric_result(name, cosine_matrix(a, b).mean(axis=1))
 
 
 def clip_i_style(generated, style) -> MetricResult:

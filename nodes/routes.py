@@ -73,22 +73,13 @@ async def get_job(request):
     return web.json_response(_job_json(manager().get(request.match_info["id"])))
 
 
-@_guard
-async def cancel_job(request):
-    await _body(request)
-    return web.json_response(_job_json(manager().cancel(request.match_info["id"])))
-
-
-@_guard
-async def resume_job(request):
-    await _body(request)
-    return web.json_response(_job_json(manager().resume(request.match_info["id"])))
-
-
-@_guard
-async def restart_job(request):
-    await _body(request)
-    return web.json_response(_job_json(manager().restart(request.match_info["id"])))
+def _action(verb: str):
+    """POST /idlora/jobs/{id}/<verb>: the manager's cancel / resume / restart; answers the job's status."""
+    @_guard
+    async def act(request):
+        await _body(request)
+        return web.json_response(_job_json(getattr(manager(), verb)(request.match_info["id"])))
+    return act
 
 
 @_guard
@@ -120,9 +111,8 @@ def register(routes: web.RouteTableDef) -> None:
     """ComfyUI serves these under /api/idlora/... as well."""
     routes.get("/idlora/jobs")(list_jobs)
     routes.get("/idlora/jobs/{id}")(get_job)
-    routes.post("/idlora/jobs/{id}/cancel")(cancel_job)
-    routes.post("/idlora/jobs/{id}/resume")(resume_job)
-    routes.post("/idlora/jobs/{id}/restart")(restart_job)
+    for verb in ("cancel", "resume", "restart"):
+        routes.post(f"/idlora/jobs/{{id}}/{verb}")(_action(verb))
     routes.get("/idlora/jobs/{id}/loss")(job_loss)
     routes.get("/idlora/jobs/{id}/samples")(job_samples)
     routes.get("/idlora/jobs/{id}/samples/{file}")(job_sample_file)

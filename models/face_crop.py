@@ -12,10 +12,12 @@ faces are not far larger than the crop (or blur them first).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .face_detect import ARCFACE_TEMPLATE_112 as _TEMPLATE_NP
+from .face_detect import estimate_similarity
 
 # The standard 5-point ArcFace template for 112x112 crops (x, y): eyes, nose tip, mouth corners.
 ARCFACE_TEMPLATE_112 = torch.from_numpy(_TEMPLATE_NP.copy())
@@ -45,25 +47,13 @@ def _check_landmarks(landmarks: torch.Tensor) -> torch.Tensor:
 def umeyama_similarity(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Least-squares similarity (rotation, uniform scale, translation) taking ``src`` points onto ``dst``.
 
-    src: (B, N, 2), dst: (N, 2) or (B, N, 2). Returns (B, 2, 3) with ``dst ~ M[:, :, :2] @ src + M[:, :, 2]``.
-    Reflections are excluded (Umeyama 1991). Not differentiable by design: call it on detached points.
+    src: (B, N, 2), dst: (N, 2) or (B, N, 2). Returns (B, 2, 3) float64 CPU with
+    ``dst ~ M[:, :, :2] @ src + M[:, :, 2]``. Each face is fitted by face_detect's ``estimate_similarity``
+    (Umeyama 1991, float64, no reflections). Not differentiable by design: call it on detached points.
     """
-    src = src.double()
-    dst = dst.to(src).expand_as(src)
-    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
-    s_c, d_c = src - mu_s, dst - mu_d
-    var_s = s_c.pow(2).sum((1, 2)) / src.shape[1]
-    if bool((var_s <= 1e-12).any()):
-        raise ValueError("landmarks of a face all coincide: no similarity transform fits them")
-    cov = d_c.transpose(1, 2) @ s_c / src.shape[1]  # (B, 2, 2)
-    u, sigma, vh = torch.linalg.svd(cov)
-    d = torch.ones_like(sigma)
-    d[:, -1] = torch.where(torch.linalg.det(u @ vh) < 0, -1.0, 1.0)  # no reflections
-    rot = u @ torch.diag_embed(d) @ vh
-    scale = (sigma * d).sum(-1) / var_s
-    lin = scale[:, None, None] * rot
-    trans = mu_d.transpose(1, 2) - lin @ mu_s.transpose(1, 2)
-    return torch.cat([lin, trans], dim=2)
+    src = src.detach().to("cpu", torch.float64)
+    dst = dst.detach().to(src).expand_as(src)
+    return torch.from_numpy(np.stack([estimate_similarity(s, d) for s, d in zip(src.numpy(), dst.numpy())]))
 
 
 def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
@@ -128,6 +118,8 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int = 112,
     landmarks = _check_landmarks(landmarks)
     if landmarks.shape[0] != images.shape[0]:
         raise ValueError(f"{landmarks.shape[0]} landmark sets for {images.shape[0]} images")
+    # Not insightface's norm_crop (cv2.warpAffine on numpy): the identity loss needs gradients to the image,
+    # so the warp is grid_sample on torch tensors; the fit is face_detect's float64 estimate_similarity.
     inverse = similarity_matrix(landmarks, template, size)
     theta = grid_theta(inverse, tuple(images.shape[-2:]), (size, size)).to(images.device, images.dtype)
     grid = F.affine_grid(theta, [images.shape[0], images.shape[1], size, size], align_corners=False)

@@ -135,6 +135,9 @@ def align(image: np.ndarray, face: Face | np.ndarray, size: int = 112) -> np.nda
 
     ``face`` is a :class:`Face` or a (5, 2) landmark array; the border is filled black.
     """
+    # Not insightface.utils.face_align.norm_crop: that scales the template by size/112 only for multiples of
+    # 112 (others: size/128 plus an x shift, and it asserts on the rest), uses a float32 template, and fits with
+    # scikit-image's SimilarityTransform.estimate, deprecated since scikit-image 0.26 (FutureWarning per call).
     landmarks = face.landmarks if isinstance(face, Face) else np.asarray(face)
     rgb = to_rgb_uint8(image)
     matrix = alignment_matrix(landmarks, size)

@@ -296,23 +296,34 @@ def resolve_clip_checkpoint(checkpoint: str | os.PathLike, folder: str | os.Path
                             f"(.safetensors or .pt) in the {CLIP_FOLDER} folder")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or torch.load(weights_only=True); unwraps 'state_dict'."""
-    path = str(path)
-    if path.endswith(".safetensors"):
+def read_state_dict(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
+    """A state dict of tensors, on the CPU, from .safetensors or a plain torch file (.pt/.pth/.bin, read with
+    ``weights_only=True``: no code runs). A {'state_dict': ...} or {'model': ...} wrapper is opened and
+    DataParallel's 'module.' prefix dropped. The one reader for backbone weights (open_clip, TAESD).
+
+    Raises ValueError naming the file, followed by ``hint`` when given, when the file cannot be read or does
+    not hold a state dict of tensors.
+    """
+    path = Path(path)
+    hint = f": {hint}" if hint else ""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        sd = load_file(path)
+        try:
+            sd = load_file(str(path), device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}){hint}") from e
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError) as e:
-            raise ValueError(f"{path} is not a plain state dict (TorchScript archives and pickled objects "
-                             f"are not loaded): {e}") from e
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a torch file, or one with code in it
+            raise ValueError(f"{path} is not a readable torch weights file: a plain state dict is needed "
+                             f"(TorchScript archives and pickled objects are not loaded) ({e}){hint}") from e
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__}){hint}")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 

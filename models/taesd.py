@@ -28,12 +28,13 @@ No ComfyUI import here: ``models/`` is plain torch.
 from __future__ import annotations
 
 import logging
-import pickle
 from os import PathLike
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .face_embed import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def load_taesd_decoder(path: str | PathLike) -> TaesdDecoder:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"TAESD decoder file {path} does not exist: {TAESD_HINT}")
-    sd = _read_state_dict(path)
+    sd = read_state_dict(path, TAESD_HINT)
     first = sd.get("1.weight")
     channels = int(first.shape[1]) if isinstance(first, torch.Tensor) and first.ndim == 4 else 4
     _check_state_dict(sd, expected_shapes(channels), path)
@@ -134,23 +135,6 @@ def load_taesd_decoder(path: str | PathLike) -> TaesdDecoder:
     model.eval().requires_grad_(False)
     log.info("IDLoRA: loaded TAESD decoder %s (%d latent channels)", path, channels)
     return model
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path), device="cpu")
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e}): {TAESD_HINT}") from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a torch file, or one with code in it
-        raise ValueError(f"{path} is not a readable torch weights file ({e}): {TAESD_HINT}") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(sd).__name__}): {TAESD_HINT}")
-    return sd
 
 
 def _check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], path: Path) -> None:

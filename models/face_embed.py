@@ -94,7 +94,10 @@ def l2(a, b) -> np.ndarray | float:
 
 
 def to_uint8_rgb(image, index: int = 0) -> np.ndarray:
-    """(H,W,3|4) uint8, or float in [0,1], to a contiguous (H,W,3) uint8 RGB array."""
+    """(H,W,3|4) uint8, or float in [0,1], to a contiguous (H,W,3) uint8 RGB array.
+
+    Stricter than face_detect.to_rgb_uint8 on purpose: an embedder refuses grayscale, uint16 and 2-D inputs (a
+    recognition model fed a replicated gray channel scores differently), where detection accepts them."""
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"image {index}: expected (H, W, 3) RGB, got shape {arr.shape}")

@@ -32,6 +32,7 @@ from ..training.meta_lora_data import scan_identity_folder
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, apply_lora, kohya_stems, model_family
 from .face_nodes import clip_files, open_clip_scorer
+from .inputs import JobNode, class_word_input, diffusion_inputs, identity_folder_input, seed_input
 from .job_nodes import wait_for_job
 from .job_service import claim_output, load_private_model, manager, torch_device
 from .lora_nodes import LORA_SUBDIR, idlora_lora_dir
@@ -43,7 +44,6 @@ CATEGORY = "IDLoRA/difflora"
 DATASETS, DIFFLORA = "idlora_lora_datasets", "idlora_difflora"
 NONE = "none"
 DS, LAE, DIT = DatasetConfig(), LaeTrainConfig(), DiTTrainConfig()
-_SEED_TIP = "Seed of the whole run."
 
 
 # -- folders ---------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def _submit(task, name: str, text: str, first: str, outputs: list[str] = ()) -> 
 
 # -- 1. the LoRA dataset ---------------------------------------------------------------------------------------
 
-class BuildLoraDataset(io.ComfyNode):
+class BuildLoraDataset(JobNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -195,12 +195,8 @@ class BuildLoraDataset(io.ComfyNode):
                         "unchanged are skipped (content hashes), so re-queuing finishes an interrupted build; "
                         "shards split the identities across processes or servers building into one folder.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model every LoRA is trained on; it is not modified."),
-                io.Clip.Input("clip", tooltip="Encodes the identity prompts once."),
-                io.Vae.Input("vae", tooltip="Encodes the images once."),
-                io.String.Input("folder", default="idlora_meta_identities",
-                                tooltip="A folder with one subfolder of images per identity; absolute, or "
-                                        "relative to ComfyUI's input folder."),
+                *diffusion_inputs("The base model every LoRA is trained on; it is not modified."),
+                identity_folder_input("folder"),
                 FaceEmbedderHandle.Input("face_embedder", tooltip="From IDLoRA Face Embedder (the paper: ArcFace). "
                                                                   "Sampling must use the same embedder."),
                 *_clip_inputs(),
@@ -214,14 +210,12 @@ class BuildLoraDataset(io.ComfyNode):
                                tooltip="LoRA target layers of every identity (trainer lora)."),
                 io.Float.Input("learning_rate", default=DS.learning_rate, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate of each identity's LoRA."),
-                io.Int.Input("seed", default=DS.seed, min=0, max=2**31 - 1,
-                             tooltip="One seed for all identities: every LoRA starts from the same init, so the "
-                                     "population shares one coordinate system for the autoencoder."),
+                seed_input(DS.seed, "One seed for all identities: every LoRA starts from the same init, so the "
+                                    "population shares one coordinate system for the autoencoder."),
                 io.Int.Input("resolution", default=DS.resolution, min=64, max=2048, step=64,
                              tooltip="Images are centre-cropped and resized to this square size (the face and CLIP "
                                      "embeddings are taken from these images too)."),
-                io.String.Input("class_word", default=DS.class_word,
-                                tooltip="Prompts are templates such as 'a photo of sks <class word>'."),
+                class_word_input(DS.class_word),
                 io.Int.Input("shard_index", default=0, min=0, max=9999,
                              tooltip="This process's shard (from 0): it builds the identities at positions i with "
                                      "i % shard_count == shard_index of the name-sorted list."),
@@ -238,10 +232,6 @@ class BuildLoraDataset(io.ComfyNode):
                                                                   "finished already); the next node waits for it.")],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return float("nan")  # the folder is scanned again on every queue run
 
     @classmethod
     def execute(cls, model, clip, vae, folder, face_embedder, clip_checkpoint, architecture, trainer, steps, rank,
@@ -298,7 +288,17 @@ def _dataset_inputs() -> list:
                                     "for it, and stops with its error if it failed.")]
 
 
-class TrainLoraAutoencoder(io.ComfyNode):
+def _name_input(default: str) -> io.String.Input:
+    return io.String.Input("name", default=default, tooltip="Job and file name (models/difflora).")
+
+
+def _file_job_outputs(file: str, file_tip: str, job_tip: str) -> list:
+    """The outputs of a training node: the file it writes under models/difflora, and its job."""
+    return [LoraNameOutput(display_name=file, tooltip=f"{file_tip} (written when the job is done)."),
+            JobHandle.Output(display_name="job", tooltip=job_tip)]
+
+
+class TrainLoraAutoencoder(JobNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -329,18 +329,12 @@ class TrainLoraAutoencoder(io.ComfyNode):
                              tooltip="Feature channels (a multiple of 8 and of 4 heads)."),
                 io.Int.Input("latent_channels", default=LAE.latent_channels, min=1, max=64,
                              tooltip="Channels of the latent the DiT denoises."),
-                io.Int.Input("seed", default=LAE.seed, min=0, max=2**31 - 1, tooltip=_SEED_TIP),
-                io.String.Input("name", default="idlora_lae", tooltip="Job and file name (models/difflora)."),
+                seed_input(LAE.seed),
+                _name_input("idlora_lae"),
             ],
-            outputs=[LoraNameOutput(display_name="lae", tooltip="The LAE file under models/difflora, for IDLoRA "
-                                                                "Train DiffLoRA (written when the job is done)."),
-                     JobHandle.Output(display_name="job", tooltip="The LAE job; IDLoRA Train DiffLoRA waits for "
-                                                                  "it.")],
+            outputs=_file_job_outputs("lae", "The LAE file under models/difflora, for IDLoRA Train DiffLoRA",
+                                      "The LAE job; IDLoRA Train DiffLoRA waits for it."),
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return float("nan")  # a new job per queue run
 
     @classmethod
     def execute(cls, dataset, steps, learning_rate, batch_size, wp_weight, patch, levels, channels, latent_channels,
@@ -361,7 +355,7 @@ class TrainLoraAutoencoder(io.ComfyNode):
 
 # -- 3. the DiT ------------------------------------------------------------------------------------------------
 
-class TrainDiffLora(io.ComfyNode):
+class TrainDiffLora(JobNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -387,18 +381,12 @@ class TrainDiffLora(io.ComfyNode):
                              tooltip="Transformer width (paper: 1454); a multiple of heads."),
                 io.Int.Input("depth", default=DIT.depth, min=1, max=64, tooltip="Transformer blocks (paper: 16)."),
                 io.Int.Input("heads", default=DIT.heads, min=1, max=64, tooltip="Attention heads."),
-                io.Int.Input("seed", default=DIT.seed, min=0, max=2**31 - 1, tooltip=_SEED_TIP),
-                io.String.Input("name", default="idlora_difflora", tooltip="Job and file name (models/difflora)."),
+                seed_input(DIT.seed),
+                _name_input("idlora_difflora"),
             ],
-            outputs=[LoraNameOutput(display_name="difflora", tooltip="The DiffLoRA file under models/difflora "
-                                                                     "(written when the job is done)."),
-                     JobHandle.Output(display_name="job", tooltip="The DiT job: IDLoRA Wait for Job (which = "
-                                                                  "difflora) -> IDLoRA Load DiffLoRA.")],
+            outputs=_file_job_outputs("difflora", "The DiffLoRA file under models/difflora",
+                                      "The DiT job: IDLoRA Wait for Job (which = difflora) -> IDLoRA Load DiffLoRA."),
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return float("nan")
 
     @classmethod
     def execute(cls, dataset, lae, steps, learning_rate, batch_size, hidden, depth, heads, seed, name,
@@ -502,8 +490,7 @@ class SampleLoraFromFace(io.ComfyNode):
                 *_clip_inputs(),
                 io.Int.Input("steps", default=100, min=1, max=1000,
                              tooltip="DDIM steps (the paper: 100); fewer is faster."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Seed of the initial noise: a seed always gives the same LoRA."),
+                seed_input(tooltip="Seed of the initial noise: a seed always gives the same LoRA."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="Multiplier of the LoRA update on the model."),
                 io.String.Input("save_name", default="", optional=True,

@@ -16,6 +16,7 @@ from ..training.lora_format import LoraBundle, load_lora
 from ..training.lora_trainer import check_images, prepare_data
 from ..training.mask_plot import mask_rank_table, render_mask_ranks
 from .comfy_adapter import ComfyDiffusion, diffusers_key_map, module_shapes
+from .inputs import BackgroundNode, diffusion_inputs, seed_input
 from .job_service import load_private_model
 from .lora_nodes import (background_inputs, check_mode, lora_job_outputs, progress_callback, require_lora,
                          resolve_lora_path, start_lora_job)
@@ -49,7 +50,7 @@ def _lora_inputs(what: str, trained_on: str) -> list:
                            default=NONE, optional=True, tooltip=f"Or the {what} LoRA as a file under models/loras.")]
 
 
-class DuoLoRAMerge(io.ComfyNode):
+class DuoLoRAMerge(BackgroundNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -60,9 +61,8 @@ class DuoLoRAMerge(io.ComfyNode):
                         "rank-dimension masks, layer priors, cycle loss; or the ZipLoRA / naive baselines). The "
                         "masks fold into the factors, so the export is exact.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model both LoRAs were trained on; it is not modified."),
-                io.Clip.Input("clip", tooltip="Encodes the three prompts once."),
-                io.Vae.Input("vae", tooltip="Encodes the images once."),
+                *diffusion_inputs("The base model both LoRAs were trained on; it is not modified.",
+                                  "Encodes the three prompts once."),
                 *_lora_inputs("content", "trained on the subject"), *_lora_inputs("style", "trained on the style"),
                 io.Image.Input("content_images", tooltip="Images of the subject (what the content LoRA learned)."),
                 io.Image.Input("style_image", tooltip="The style image (what the style LoRA learned)."),
@@ -92,16 +92,12 @@ class DuoLoRAMerge(io.ComfyNode):
                                tooltip="naive: the content LoRA's weight."),
                 io.Float.Input("naive_style_weight", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="naive: the style LoRA's weight."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the init and the draws."),
+                seed_input(tooltip="Seed of the init and the draws."),
                 *background_inputs("idlora_duolora", work="merge"),
             ],
             outputs=lora_job_outputs("merged"),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, mode: str = "blocking", **kwargs):
-        return float("nan") if mode == "background" else ""
 
     @classmethod
     def execute(cls, model, clip, vae, content_images, style_image, content_prompt, style_prompt, mixed_prompt,

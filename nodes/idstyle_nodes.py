@@ -18,6 +18,7 @@ from ..training.lora_format import sanitize_save_name
 from ..training.lora_trainer import check_images, prepare_data
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, _crop_to_multiple
+from .inputs import JobNode, diffusion_inputs, seed_input
 from .job_service import claim_output, load_identity_resources, manager
 from .lora_nodes import LORA_SUBDIR, idlora_lora_dir
 from .types import FaceEmbedderHandle, JobHandle, LoraNameOutput
@@ -57,7 +58,7 @@ def photo_landmarks(photo: torch.Tensor) -> torch.Tensor:
     return torch.tensor(np.stack([f.landmarks for f in best]), dtype=torch.float32)
 
 
-class TrainIdentityStyle(io.ComfyNode):
+class TrainIdentityStyle(JobNode):
     @classmethod
     def define_schema(cls):
         c, s = D.content, D.style
@@ -71,10 +72,9 @@ class TrainIdentityStyle(io.ComfyNode):
                         "(1 - cos) of face embeddings), ConsisLoRA's decoupling LoRA on the style image, then "
                         "the style LoRA. Writes models/loras/idlora/<name>_content / _style.safetensors.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model (SD1.5 or SDXL). It is not modified."),
-                io.Clip.Input("clip", tooltip="Encodes the three prompts once."),
-                io.Vae.Input("vae", tooltip="Encodes the images, and decodes x0 for the identity loss "
-                                            "(decoder 'vae')."),
+                *diffusion_inputs("The base model (SD1.5 or SDXL). It is not modified.",
+                                  "Encodes the three prompts once.",
+                                  "Encodes the images, and decodes x0 for the identity loss (decoder 'vae')."),
                 io.Image.Input("photo", tooltip="The person's photo(s): one batch of equal size, a face in each. "
                                                 "Cropped to a multiple of 8 px."),
                 io.Image.Input("style_image", tooltip="The style exemplar (a face in it is fine)."),
@@ -91,7 +91,7 @@ class TrainIdentityStyle(io.ComfyNode):
                 io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default="attn",
                                tooltip="Where the content and the style LoRA go. " + _BLOCKS_TIP),
                 io.Int.Input("rank", default=c.rank, min=1, max=256, tooltip="Rank of all three LoRAs."),
-                io.Int.Input("seed", default=c.seed, min=0, max=2**31 - 1, tooltip="Seed of every phase."),
+                seed_input(c.seed, "Seed of every phase."),
                 io.Int.Input("content_steps", default=c.steps, min=1, max=100000, tooltip="Content phase steps."),
                 io.Int.Input("x0_start_step", default=c.x0_start_step, min=0, max=100000,
                              tooltip="Content: noise-prediction loss before this step, x0 loss from it "
@@ -136,10 +136,6 @@ class TrainIdentityStyle(io.ComfyNode):
             ],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return float("nan")  # a new job per queue run
 
     @classmethod
     def execute(cls, model, clip, vae, photo, style_image, content_prompt, style_prompt, style_content_prompt,

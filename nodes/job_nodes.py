@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from ..training.jobs import JobState
 from ..training.lora_format import load_lora
+from .inputs import JobNode
 from .job_service import manager
 from .types import JobHandle, LoraHandle, LoraNameOutput
 
@@ -86,7 +87,7 @@ class WaitForJob(io.ComfyNode):
         return io.NodeOutput(load_lora(st.result[f"{prefix}path"]), st.result[f"{prefix}lora"], {"loss": losses})
 
 
-class JobStatusNode(io.ComfyNode):
+class JobStatusNode(JobNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -103,10 +104,6 @@ class JobStatusNode(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, job: str):
-        return float("nan")  # never cached: the status changes while the job runs
-
-    @classmethod
     def execute(cls, job: str) -> io.NodeOutput:
         st = manager().get(_job_id(job)).status
         progress = st.step / st.total if st.total else 0.0
@@ -114,7 +111,7 @@ class JobStatusNode(io.ComfyNode):
         return io.NodeOutput(st.state.value, progress, json.dumps(st.to_json()), ui={"text": [text]})
 
 
-class CancelJob(io.ComfyNode):
+class CancelJob(JobNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -126,10 +123,6 @@ class CancelJob(io.ComfyNode):
             inputs=[JobHandle.Input("job", tooltip=_JOB_TIP)],
             outputs=[io.String.Output(display_name="state", tooltip="The job's state after the request.")],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, job: str):
-        return float("nan")
 
     @classmethod
     def execute(cls, job: str) -> io.NodeOutput:

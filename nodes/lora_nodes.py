@@ -18,6 +18,7 @@ from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, check_images, 
 from ..training.loss_plot import plot_losses
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, apply_lora
+from .inputs import BackgroundNode, diffusion_inputs, seed_input
 from .job_service import claim_output, load_private_model, manager
 from .types import JobHandle, LoraHandle, LoraNameOutput
 
@@ -83,7 +84,7 @@ def start_lora_job(node_cls, name: str, make_task) -> io.NodeOutput:
     return io.NodeOutput(None, None, job.id, ui={"idlora_job": [job.id]})
 
 
-class TrainLoRA(io.ComfyNode):
+class TrainLoRA(BackgroundNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -92,10 +93,10 @@ class TrainLoRA(io.ComfyNode):
             category=CATEGORY,
             description="Train a plain LoRA on images with a frozen model (the baseline for every IDLoRA method).",
             inputs=[
-                io.Model.Input("model", tooltip="The model to train on. It is not modified; use IDLoRA Apply LoRA "
-                                                "or save the LoRA and load it to use it."),
-                io.Clip.Input("clip", tooltip="Text encoder used to encode the prompt(s) once before training."),
-                io.Vae.Input("vae", tooltip="VAE used to encode the images to latents once before training."),
+                *diffusion_inputs("The model to train on. It is not modified; use IDLoRA Apply LoRA or save the "
+                                  "LoRA and load it to use it.",
+                                  "Text encoder used to encode the prompt(s) once before training.",
+                                  "VAE used to encode the images to latents once before training."),
                 io.Image.Input("images", tooltip="Training images, one batch of equal size (e.g. from Load Image or "
                                                  "an image batch node). Sizes are cropped to a multiple of 8 px."),
                 io.String.Input("prompt", multiline=True, default="a photo of sks person",
@@ -114,8 +115,7 @@ class TrainLoRA(io.ComfyNode):
                                 tooltip="Optional regular expression over module names (e.g. 'attn2\\.to_(k|v)$'); "
                                         "when set it replaces the preset."),
                 io.Int.Input("batch_size", default=D.batch_size, min=1, max=64, tooltip="Images per step."),
-                io.Int.Input("seed", default=D.seed, min=0, max=2**31 - 1,
-                             tooltip="Seed for the LoRA init, the batch order, the noise and the timesteps."),
+                seed_input(D.seed, "Seed for the LoRA init, the batch order, the noise and the timesteps."),
                 io.Boolean.Input("gradient_checkpointing", default=D.gradient_checkpointing,
                                  tooltip="Recompute block activations in the backward pass: less memory, "
                                          "about 30% slower."),
@@ -137,10 +137,6 @@ class TrainLoRA(io.ComfyNode):
             outputs=lora_job_outputs(),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, mode: str = "blocking", **kwargs):
-        return float("nan") if mode == "background" else ""  # a new job per queue run
 
     @classmethod
     def execute(cls, model, clip, vae, images, prompt, steps, learning_rate, rank, alpha, targets,

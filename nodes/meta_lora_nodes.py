@@ -22,6 +22,8 @@ from ..training.meta_lora_data import encode_identity_set, labels_to_identities,
 from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
 from .comfy_adapter import ComfyDiffusion
+from .inputs import (BackgroundNode, JobNode, class_word_input, diffusion_inputs, identity_folder_input,
+                     seed_input)
 from .job_service import claim_output, load_private_model, manager
 from .lora_nodes import background_inputs, check_mode, lora_job_outputs, progress_callback, start_lora_job
 from .types import JobHandle, LoraHandle, LoraNameOutput, MetaDownHandle
@@ -69,7 +71,7 @@ def _aug_inputs():
                                  "of 64).")]
 
 
-class MetaStage1(io.ComfyNode):
+class MetaStage1(JobNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -82,14 +84,9 @@ class MetaStage1(io.ComfyNode):
                         "Mid/Up learn, the other identities kept off the device. Writes models/idlora/meta_down/"
                         "<name>.safetensors. For several GPUs use tools/meta_lora_stage1.py under torchrun.",
             inputs=[
-                io.Model.Input("model", tooltip="The base model; it is not modified."),
-                io.Clip.Input("clip", tooltip="Encodes the identity prompts once."),
-                io.Vae.Input("vae", tooltip="Encodes the images once."),
-                io.String.Input("dataset", default="idlora_meta_identities",
-                                tooltip="A folder with one subfolder of images per identity; absolute, or "
-                                        "relative to ComfyUI's input folder."),
-                io.String.Input("class_word", default="person", tooltip="Prompts are templates such as 'a photo "
-                                                                        "of sks <class word>'."),
+                *diffusion_inputs("The base model; it is not modified."),
+                identity_folder_input("dataset"),
+                class_word_input("person"),
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=64,
                              tooltip="Images are centre-cropped and resized to this square size."),
                 io.Int.Input("r1", default=S1.r1, min=1, max=1024, tooltip="Meta-Down output rank (paper: 128)."),
@@ -106,7 +103,7 @@ class MetaStage1(io.ComfyNode):
                              tooltip="q_bucket. 0: each image of a bucket is used about 10 times."),
                 io.Float.Input("warmup_fraction", default=S1.warmup_fraction, min=0.0, max=0.99, step=0.05,
                                tooltip="q_warmup = fraction x q_bucket (paper: 0.4)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the whole run."),
+                seed_input(),
                 io.String.Input("name", default="idlora_meta_down", tooltip="Job and file name."),
                 io.Image.Input("images", optional=True, tooltip="Instead of a folder: an IMAGE batch ..."),
                 io.String.Input("labels", optional=True, default="",
@@ -118,10 +115,6 @@ class MetaStage1(io.ComfyNode):
                                                                           "once the job is done.")],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return float("nan")
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, class_word, image_size, r1, r2, targets, steps, learning_rate,
@@ -179,7 +172,7 @@ class LoadMetaDown(io.ComfyNode):
                              ui={"text": [text]})
 
 
-class MetaPersonalize(io.ComfyNode):
+class MetaPersonalize(BackgroundNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -189,9 +182,8 @@ class MetaPersonalize(io.ComfyNode):
             description="Meta-LoRA stage 2 (Algorithm 2): fit Mid and Up to one photo's face-centred crops with the "
                         "Meta-Down frozen, then collapse to a standard rank-r2 LoRA (kohya format).",
             inputs=[
-                io.Model.Input("model", tooltip="The base model the Meta-Down was trained on."),
-                io.Clip.Input("clip", tooltip="Encodes the prompt."),
-                io.Vae.Input("vae", tooltip="Encodes the crops."),
+                *diffusion_inputs("The base model the Meta-Down was trained on.", "Encodes the prompt.",
+                                  "Encodes the crops."),
                 io.Image.Input("photo", tooltip="One photo of the person (the first image of the batch is used)."),
                 MetaDownHandle.Input("meta_down", tooltip="From IDLoRA Load Meta-Down."),
                 io.String.Input("prompt", default="a photo of sks person", tooltip="Prompt of every crop."),
@@ -200,7 +192,7 @@ class MetaPersonalize(io.ComfyNode):
                 io.Int.Input("steps", default=S2.steps, min=1, max=100000, tooltip="Paper: 375 (LoRA needs 625)."),
                 io.Float.Input("learning_rate", default=S2.learning_rate, min=1e-7, max=1.0, step=1e-5,
                                tooltip="Paper: 4e-4."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of init, crops order, noise."),
+                seed_input(tooltip="Seed of init, crops order, noise."),
                 *_aug_inputs(),
                 *background_inputs("idlora_meta_lora"),
                 LoraHandle.Input("init_lora", optional=True,
@@ -214,10 +206,6 @@ class MetaPersonalize(io.ComfyNode):
             outputs=lora_job_outputs("collapsed"),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, mode: str = "blocking", **kwargs):
-        return float("nan") if mode == "background" else ""
 
     @classmethod
     def execute(cls, model, clip, vae, photo, meta_down, prompt, r2, steps, learning_rate, seed, max_images=25,
@@ -278,7 +266,7 @@ class MetaAugmentPreview(io.ComfyNode):
             description="Show the crops Meta-LoRA stage 2 trains on: the photo with every crop box and the face box, "
                         "and the crops themselves.",
             inputs=[io.Image.Input("photo", tooltip="The person's photo."), *_aug_inputs(),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True, tooltip="Seed of the flips.")],
+                    seed_input(optional=True, tooltip="Seed of the flips.")],
             outputs=[io.Image.Output(display_name="boxes", tooltip="The photo with the crop boxes."),
                      io.Image.Output(display_name="crops", tooltip="The crops, letterboxed to one square size."),
                      io.String.Output(display_name="summary", tooltip="Sizes, clamped and flipped crops.")],

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tiny_torch import GLOBAL_RNG
 from idlora.models.face_detect import RetinaFaceTiny
 from idlora.models.iresnet import ArcFaceTorch, iresnet
 
@@ -32,5 +33,6 @@ def landmarks_of(image: torch.Tensor) -> torch.Tensor:
 
 
 def backbone(seed: int = 0) -> ArcFaceTorch:
-    torch.manual_seed(seed)
-    return ArcFaceTorch(iresnet((1, 1, 1, 1), embedding_size=64))
+    with GLOBAL_RNG:  # seeding and drawing as one step, also when a job's thread builds one (see tiny_torch)
+        torch.manual_seed(seed)
+        return ArcFaceTorch(iresnet((1, 1, 1, 1), embedding_size=64))

@@ -6,6 +6,7 @@ path so conv LoRA is exercised. No ComfyUI involved.
 """
 from __future__ import annotations
 
+import threading
 import zlib
 
 import torch
@@ -88,6 +89,11 @@ class TinyDecoder(nn.Module):
         return (F.interpolate(rgb, scale_factor=8, mode="nearest") + 1) / 2
 
 
+# The denoiser's init draws from torch's global generator, which all threads share: seeding it and drawing the
+# weights must happen as one step, or two models built at once get each other's numbers.
+GLOBAL_RNG = threading.Lock()
+
+
 class TinyDiffusion:
     """DiffusionModel over TinyDenoiser: SD's schedule, a fixed random 'VAE' (8x pooling + 1x1 conv)
     and a fixed random 'text encoder' (hashing words to embeddings)."""
@@ -95,8 +101,9 @@ class TinyDiffusion:
     name = "tiny"
 
     def __init__(self, prediction_type: str = "eps", seed: int = 0, ctx_dim: int = 16):
-        torch.manual_seed(seed)
-        self.denoiser = TinyDenoiser(ctx_dim=ctx_dim)
+        with GLOBAL_RNG:  # a job's worker thread builds one while the test thread builds another
+            torch.manual_seed(seed)
+            self.denoiser = TinyDenoiser(ctx_dim=ctx_dim)
         self.prediction_type = prediction_type
         self.sigmas = sd_sigmas()
         self.device = torch.device("cpu")

@@ -7,6 +7,7 @@ trainers, and a LoRA bundle becomes weight patches on a cloned MODEL.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 
@@ -73,9 +74,14 @@ class ComfyDiffusion:
         self.sigmas = base.model_sampling.sigmas.detach().float().cpu().clone()
         self.device = self.patcher.load_device
         self.name = model_family(self.patcher)
-        self.lora_stems = kohya_stems(self.patcher)
         self._decoders: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
         _uninference(self.denoiser)
+
+    @functools.cached_property
+    def lora_stems(self) -> dict[str, str]:
+        """Module path -> the file stem kohya writes for this base model (see ``kohya_stems``); built when a LoRA is
+        first saved or resolved, not for every encode-only use of the adapter."""
+        return kohya_stems(self.patcher)
 
     def net_forward(self, x_noisy: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         ms = self.base.model_sampling

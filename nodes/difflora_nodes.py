@@ -27,7 +27,7 @@ from ..training.difflora_job import DiffLoraTask, LaeTask, population_key
 from ..training.lora_dataset import (TRAINERS, DatasetConfig, LoraDatasetTask, file_sha256, finished,
                                      finished_entries, shard)
 from ..training import evaluate as ev
-from ..training.lora_format import sanitize_save_name, save_lora
+from ..training.lora_format import sanitize_save_name, save_bundle
 from ..training.meta_lora_data import scan_identity_folder
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, apply_lora, kohya_stems, model_family
@@ -532,8 +532,7 @@ class SampleLoraFromFace(io.ComfyNode):
         patched, report = apply_lora(model, bundle, strength)
         lora_name, ui = "", {}
         if fname:
-            save_lora(os.path.join(idlora_lora_dir(), fname), bundle.weights, bundle.metadata, dtype=torch.float32,
-                      stems=bundle.stems)
+            save_bundle(os.path.join(idlora_lora_dir(), fname), bundle)
             lora_name = f"{LORA_SUBDIR}/{fname}"
             ui["lora_files"] = [lora_name]
         took = time.perf_counter() - start

@@ -12,7 +12,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..models.lora import PRESET_DOCS, PRESETS
-from ..training.lora_format import LoraBundle, LoraFormatError, load_lora, sanitize_save_name, save_lora
+from ..training.lora_format import LoraBundle, LoraFormatError, load_lora, sanitize_save_name, save_bundle
 from ..training.lora_job import LoraJobTask
 from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, check_images, prepare_data, split_prompts
 from ..training.loss_plot import plot_losses
@@ -206,7 +206,7 @@ class SaveLoRA(io.ComfyNode):
         if owner is not None:
             raise ValueError(f"{os.path.basename(path)} is the output file of background job "
                              f"{owner or '(reserved)'}: give this LoRA another name, so that neither replaces the other")
-        save_lora(path, lora.weights, lora.metadata, dtype=SAVE_DTYPES[precision], stems=lora.stems)
+        save_bundle(path, lora, dtype=SAVE_DTYPES[precision])
         rel = f"{LORA_SUBDIR}/{os.path.basename(path)}"
         log.info("IDLoRA: saved %s", path)
         return io.NodeOutput(rel, ui={"lora_files": [rel]})

@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from ..models.lora import PRESETS
 from ..training import evaluate as ev
+from ..training.diffusion import lora_key_map
 from ..training.lora_format import sanitize_save_name
 from ..training.meta_augment import AugmentConfig, augment, largest_face_box, preview_sheet
 from ..training.lora_format import LoraBundle
@@ -226,7 +227,7 @@ class MetaPersonalize(BackgroundNode):
                 if init_lora is not None:  # checked now, stored by module name in the job's data.pt
                     targets = check_meta_down(meta_down["weights"], meta_down["meta"], diffusion)
                     init = LoraBundle(match_init_lora(init_lora, targets, meta_down["weights"], cfg.rank,
-                                                      key_map={s: p for p, s in diffusion.lora_stems.items()}))
+                                                      key_map=lora_key_map(diffusion)))
                 return cls.start_job(cfg, meta_down, encode_crops(diffusion, crops, prompt), name, init)
             diffusion = ComfyDiffusion(model, clip, vae)
             data = encode_crops(diffusion, crops, prompt)

@@ -6,12 +6,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .diffusion import DiffusionModel
 from .duolora import LoraMerger, MergeConfig, MergeData
 from .jobs import load_job_data, save_job_data
-from .lora_format import save_lora
+from .lora_format import save_bundle
 
 ModelLoader = Callable[[dict], DiffusionModel]
 
@@ -48,7 +47,7 @@ class MergeTask:
         merger.run_in_job(ctx, "merge")
         bundle = merger.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
-        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
+        save_bundle(self.config["output_path"], bundle)
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "method": self.cfg.method,
                 "steps": merger.step, "final_loss": merger.losses[-1] if merger.losses else None,
                 "rank": max((w.down.shape[0] for w in bundle.weights.values()), default=0)}

@@ -154,14 +154,13 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """False only when no process has that id (another user's process raises PermissionError: alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
     except OSError:
-        return True
+        pass
     return True
 
 

@@ -32,7 +32,7 @@ from .config import TrainingConfig
 from .diffusion import Cond, DiffusionModel, add_noise, lora_key_map, target, to_x0
 from .jobs import load_job_data, save_job_data
 from .identity_loss import EmbedFn, IdentityConfig, IdentityLoss
-from .lora_format import LoraBundle, LoraFormatError, load_lora, resolve, save_lora
+from .lora_format import LoraBundle, LoraFormatError, load_lora, resolve, save_bundle
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 
 METHOD = "idlora_identity_style"
@@ -322,11 +322,10 @@ class IdentityStyleTask:
         bundle = trainer.bundle()
         bundle.metadata.update(idlora_phase=phase, idlora_job=ctx.job.id)
         if phase == "style_content":  # an intermediate of this job, kept in its folder for a resume
-            save_lora(ctx.dir / "style_content.safetensors", bundle.weights, bundle.metadata, dtype=torch.float32,
-                      stems=bundle.stems)
+            save_bundle(ctx.dir / "style_content.safetensors", bundle)
             return {}
         out = self.config["outputs"][phase]
-        save_lora(out["path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
+        save_bundle(out["path"], bundle)
         ctx.log.info("%s phase done: saved %s", phase, out["path"])
         extra = {}
         if phase == "content" and getattr(trainer, "identity_values", None):

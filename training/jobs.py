@@ -279,7 +279,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.unreadable: list[dict] = []     # job folders skipped at start-up: {"folder", "error"}
         self._unsaved: set[str] = set()      # jobs whose status.json is behind their in-memory status
-        self._claimed: set[str] = set()      # output files that belong to a job (absolute paths)
+        self._reserved: set[str] = set()     # output files claimed for a job that is not submitted yet
         self._last_full_gc = 0.0
         self.full_gc_interval_s = full_gc_interval_s
         self._queue: deque[str] = deque()
@@ -327,15 +327,13 @@ class JobManager:
         job = Job(status, folder)
         job.outputs = _output_paths(config)
         self.jobs[status.id] = job
-        self._claimed.update(job.outputs)
         self._persist(job)
 
     def owner(self, path: str | os.PathLike) -> str | None:
-        """The id of the job whose output ``path`` is, or None (a name reserved by a submit that failed: '')."""
+        """The id of the job whose output ``path`` is; '' when it is reserved for a job not submitted yet; else None."""
         p = os.path.abspath(path)
-        if p not in self._claimed:
-            return None
-        return next((job.id for job in self.jobs.values() if p in job.outputs), "")
+        owner = next((job.id for job in self.jobs.values() if p in job.outputs), None)
+        return "" if owner is None and p in self._reserved else owner
 
     def claim_name(self, stem: str, outputs: Callable[[str], list]) -> str:
         """The first of ``stem``, ``stem_0001``, ``stem_0002``, ... whose output files (``outputs(name)``) neither
@@ -345,8 +343,8 @@ class JobManager:
             for n in range(100_000):
                 name = stem if n == 0 else f"{stem}_{n:04d}"
                 paths = [os.path.abspath(p) for p in outputs(name)]
-                if not any(p in self._claimed or os.path.lexists(p) for p in paths):
-                    self._claimed.update(paths)
+                if not any(os.path.lexists(p) or self.owner(p) is not None for p in paths):
+                    self._reserved.update(paths)
                     return name
         raise JobError(f"every name from {stem!r} to {stem}_99999 is taken: choose another name")
 
@@ -372,7 +370,7 @@ class JobManager:
             raise
         with self._cv:
             self.jobs[job_id] = job
-            self._claimed.update(config["outputs"])
+            self._reserved.difference_update(job.outputs)  # the job owns them now
             self._enqueue(job)
         return job
 
@@ -403,9 +401,7 @@ class JobManager:
     def resume(self, job_id: str) -> Job:
         job = self.get(job_id)
         with self._cv:
-            if job.status.state not in RESUMABLE:
-                raise JobError(f"job {job_id} is {job.status.state.value}; only "
-                               f"{', '.join(sorted(s.value for s in RESUMABLE))} jobs can be resumed")
+            _require_resumable(job, "resumed")
             if job.status.kind not in self.factories:
                 raise JobError(f"job {job_id} is of kind {job.status.kind!r}, which this server cannot rebuild "
                                f"(known kinds: {sorted(self.factories)})")
@@ -424,9 +420,7 @@ class JobManager:
         (an unreadable checkpoint stays as checkpoint.unreadable.pt for inspection)."""
         job = self.get(job_id)
         with self._cv:
-            if job.status.state not in RESUMABLE:
-                raise JobError(f"job {job_id} is {job.status.state.value}; only "
-                               f"{', '.join(sorted(s.value for s in RESUMABLE))} jobs can be restarted")
+            _require_resumable(job, "restarted")
             for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
                 (job.dir / name).unlink(missing_ok=True)
             (job.dir / "loss.tsv").unlink(missing_ok=True)
@@ -609,6 +603,12 @@ def load_job_data(job_dir: str | os.PathLike, what: str) -> dict:
 
 
 # -- helpers ------------------------------------------------------------------------
+
+def _require_resumable(job: Job, verb: str) -> None:
+    if job.status.state not in RESUMABLE:
+        raise JobError(f"job {job.id} is {job.status.state.value}; only "
+                       f"{', '.join(sorted(s.value for s in RESUMABLE))} jobs can be {verb}")
+
 
 def _write_status(job: Job) -> None:
     atomic_write_bytes(job.dir / "status.json", json.dumps(job.status.to_json(), indent=1).encode())

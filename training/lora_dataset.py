@@ -38,7 +38,7 @@ from .config import TrainingConfig
 from .diffusion import Cond, DiffusionModel
 from .fileio import atomic_path, atomic_write_bytes
 from .jobs import load_job_data, save_job_data
-from .lora_format import LoraBundle, load_lora, save_lora
+from .lora_format import LoraBundle, load_lora, save_bundle
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData, TrainingInputError
 from .meta_lora import CropData, MetaLoraPersonalizer, MetaStage2Config, load_meta_down
 
@@ -260,8 +260,7 @@ def write_identity(out: Path, item: IdentityItem, trainer: LoraTrainer, cfg: Dat
     folder = out / item.name
     bundle = trainer.bundle()
     tags = {"idlora_identity": item.name, "idlora_hash": item.hash}
-    save_lora(folder / LORA, bundle.weights, dict(bundle.metadata, idlora_method=METHOD, idlora_trainer=cfg.trainer,
-                                                  **tags), dtype=torch.float32, stems=bundle.stems)
+    save_bundle(folder / LORA, bundle, idlora_method=METHOD, idlora_trainer=cfg.trainer, **tags)
     with atomic_path(folder / EMBEDDINGS) as tmp:
         save_file({"face": item.face.detach().float().cpu().contiguous(),
                    "image": item.image.detach().float().cpu().contiguous()}, tmp, metadata=tags)

@@ -330,6 +330,11 @@ def save_lora(path, weights: dict[str, LoraWeight], metadata: dict | None = None
     return final
 
 
+def save_bundle(path, bundle: LoraBundle, dtype: torch.dtype | None = torch.float32, **metadata) -> str:
+    """``save_lora`` of a trained bundle: its weights, its metadata (plus ``metadata``) and its base model's stems."""
+    return save_lora(path, bundle.weights, {**bundle.metadata, **metadata}, dtype=dtype, stems=bundle.stems)
+
+
 # --------------------------------------------------------------------------- #
 # Loading
 # --------------------------------------------------------------------------- #

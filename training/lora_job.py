@@ -11,11 +11,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .diffusion import DiffusionModel
 from .jobs import load_job_data, save_job_data
-from .lora_format import save_lora
+from .lora_format import save_bundle
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 
 ModelLoader = Callable[[dict], DiffusionModel]  # config["model_source"] -> model
@@ -51,7 +50,7 @@ class LoraJobTask:
         trainer.run_in_job(ctx, sample_every=self.config["sample_every"])
         bundle = trainer.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
-        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
+        save_bundle(self.config["output_path"], bundle)
         ctx.log.info("saved %s", self.config["output_path"])
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
                 "final_loss": trainer.losses[-1] if trainer.losses else None}

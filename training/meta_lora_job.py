@@ -10,11 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .diffusion import DiffusionModel
 from .jobs import load_job_data, save_job_data
-from .lora_format import LoraBundle, LoraWeight, save_lora
+from .lora_format import LoraBundle, LoraWeight, save_bundle
 from .meta_lora import (CropData, IdentitySet, MetaLoraPersonalizer, MetaLoraStage1, MetaStage1Config,
                         MetaStage2Config, load_meta_down, save_meta_down)
 
@@ -104,7 +103,7 @@ class MetaPersonalizeTask:
         trainer.run_in_job(ctx, "personalize", self.config["sample_every"])
         bundle = trainer.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
-        save_lora(self.config["output_path"], bundle.weights, bundle.metadata, dtype=torch.float32, stems=bundle.stems)
+        save_bundle(self.config["output_path"], bundle)
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
                 "final_loss": trainer.losses[-1] if trainer.losses else None,
                 "init_projection_error": trainer.init_report["delta_error"] if trainer.init_report else None}

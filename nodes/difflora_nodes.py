@@ -188,12 +188,12 @@ class BuildLoraDataset(JobNode):
             node_id="IDLoRABuildLoraDataset",
             display_name="IDLoRA Build LoRA Dataset",
             category=CATEGORY,
-            is_output_node=True,
             description="DiffLoRA's LoRA dataset (Section 3.5): one LoRA per identity folder, all of one "
                         "architecture, with each identity's face and CLIP image embeddings, as a background job "
                         "into models/idlora/lora_datasets/<name>. Identities whose images and settings are "
                         "unchanged are skipped (content hashes), so re-queuing finishes an interrupted build; "
                         "shards split the identities across processes or servers building into one folder.",
+            is_output_node=True,
             inputs=[
                 *diffusion_inputs("The base model every LoRA is trained on; it is not modified."),
                 identity_folder_input("folder"),
@@ -305,11 +305,11 @@ class TrainLoraAutoencoder(JobNode):
             node_id="IDLoRATrainLoraAutoencoder",
             display_name="IDLoRA Train LoRA Autoencoder",
             category=CATEGORY,
-            is_output_node=True,
             description="DiffLoRA's LoRA weights autoencoder (LAE, Section 3.2) on a LoRA dataset, as a background "
                         "job: a 1D-conv encoder / attention decoder, reconstruction + weight-preserved loss. Writes "
                         "models/difflora/<name>.safetensors; its log reports the compression ratio and the "
                         "reconstruction error.",
+            is_output_node=True,
             inputs=[
                 *_dataset_inputs(),
                 io.Int.Input("steps", default=LAE.steps, min=1, max=10_000_000, tooltip="Optimizer steps."),
@@ -362,11 +362,11 @@ class TrainDiffLora(JobNode):
             node_id="IDLoRATrainDiffLoRA",
             display_name="IDLoRA Train DiffLoRA",
             category=CATEGORY,
-            is_output_node=True,
             description="DiffLoRA's DiT (Sections 3.3-3.4) on the LAE latents of a LoRA dataset, as a background "
                         "job: adaLN-Zero conditioning on the timestep and the mixed face / CLIP image features, x0 "
                         "objective, 1000-step linear schedule. Writes models/difflora/<name>.safetensors (LAE + DiT: "
                         "the file IDLoRA Load DiffLoRA reads).",
+            is_output_node=True,
             inputs=[
                 *_dataset_inputs(),
                 io.Combo.Input("lae", options=difflora_files(),
@@ -475,10 +475,10 @@ class SampleLoraFromFace(io.ComfyNode):
             node_id="IDLoRASampleLoraFromFace",
             display_name="IDLoRA Sample LoRA from Face",
             category=CATEGORY,
-            is_output_node=True,
             description="DiffLoRA inference: the face photo's face and CLIP image embeddings condition the DiT, DDIM "
                         "sampling gives an LAE latent, the LAE decodes it to LoRA weights, and the LoRA patches a "
                         "clone of the model. Seconds, no training; optionally saved as a kohya LoRA.",
+            is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The base model the DiffLoRA was trained on; a patched clone is "
                                                 "returned."),

@@ -16,7 +16,7 @@ from ..training.lora_format import LoraBundle, load_lora
 from ..training.lora_trainer import check_images, prepare_data
 from ..training.mask_plot import mask_rank_table, render_mask_ranks
 from .comfy_adapter import ComfyDiffusion, diffusers_key_map, module_shapes
-from .inputs import BackgroundNode, diffusion_inputs, seed_input
+from .inputs import BackgroundNode, diffusion_inputs, prompt_inputs, seed_input
 from .job_service import load_private_model
 from .lora_nodes import (background_inputs, check_mode, lora_job_outputs, progress_callback, require_lora,
                          resolve_lora_path, start_lora_job)
@@ -66,12 +66,11 @@ class DuoLoRAMerge(BackgroundNode):
                 *_lora_inputs("content", "trained on the subject"), *_lora_inputs("style", "trained on the style"),
                 io.Image.Input("content_images", tooltip="Images of the subject (what the content LoRA learned)."),
                 io.Image.Input("style_image", tooltip="The style image (what the style LoRA learned)."),
-                io.String.Input("content_prompt", default="a <V1> object in <S1> style",
-                                tooltip="p_c: the content LoRA's training prompt."),
-                io.String.Input("style_prompt", default="a <V2> object in <S2> style",
-                                tooltip="p_s: the style LoRA's training prompt."),
-                io.String.Input("mixed_prompt", default="a <V1> object in <S2> style",
-                                tooltip="p_cs: the content in the style, used by the cycle loss and at inference."),
+                *prompt_inputs(
+                    content_prompt=("a <V1> object in <S1> style", "p_c: the content LoRA's training prompt."),
+                    style_prompt=("a <V2> object in <S2> style", "p_s: the style LoRA's training prompt."),
+                    mixed_prompt=("a <V1> object in <S2> style",
+                                  "p_cs: the content in the style, used by the cycle loss and at inference.")),
                 io.Combo.Input("method", options=list(MERGE_METHODS), default=D.method, tooltip=METHOD_TIP),
                 io.Int.Input("steps", default=D.steps, min=1, max=100000, tooltip="Mask training steps (paper: "
                                                                                   "100)."),
@@ -182,9 +181,9 @@ class MaskInspector(io.ComfyNode):
             node_id="IDLoRAMaskInspector",
             display_name="IDLoRA Mask Inspector",
             category=CATEGORY,
-            is_output_node=True,
             description="The active ranks of the content and style masks per layer of a merged LoRA, split into "
                         "content- and style-dominant layers (like DuoLoRA's Figure 4).",
+            is_output_node=True,
             inputs=[LoraHandle.Input("lora", tooltip="A LoRA from IDLoRA DuoLoRA Merge (its masks are in its "
                                                      "metadata), or loaded from such a file."),
                     io.Float.Input("threshold", default=0.5, min=0.0, max=10.0, step=0.05,

@@ -18,7 +18,7 @@ from ..training.lora_format import sanitize_save_name
 from ..training.lora_trainer import check_images, prepare_data
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, _crop_to_multiple
-from .inputs import JobNode, diffusion_inputs, seed_input
+from .inputs import JobNode, diffusion_inputs, prompt_inputs, seed_input
 from .job_service import claim_output, load_identity_resources, manager
 from .lora_nodes import LORA_SUBDIR, idlora_lora_dir
 from .types import FaceEmbedderHandle, JobHandle, LoraNameOutput
@@ -66,11 +66,11 @@ class TrainIdentityStyle(JobNode):
             node_id="IDLoRATrainIdentityStyle",
             display_name="IDLoRA Train Identity Content + Style LoRAs",
             category=CATEGORY,
-            is_output_node=True,  # it starts a job: a prompt of this node alone is valid
             description="Identity-preserving stylization (ConsisLoRA + identity loss), as a background job of "
                         "three phases: a content LoRA on the photo (noise loss, then x0 loss, plus lambda * "
                         "(1 - cos) of face embeddings), ConsisLoRA's decoupling LoRA on the style image, then "
                         "the style LoRA. Writes models/loras/idlora/<name>_content / _style.safetensors.",
+            is_output_node=True,  # it starts a job: a prompt of this node alone is valid
             inputs=[
                 *diffusion_inputs("The base model (SD1.5 or SDXL). It is not modified.",
                                   "Encodes the three prompts once.",
@@ -82,12 +82,10 @@ class TrainIdentityStyle(JobNode):
                                          tooltip="IDLoRA Face Embedder with a differentiable backend "
                                                  "(arcface-torch, clip-vision, dinov2) for the identity loss. "
                                                  "Not connected: no identity term (plain ConsisLoRA)."),
-                io.String.Input("content_prompt", default="a photo of [c] person",
-                                tooltip="Prompt of the photo. Use the same words at inference."),
-                io.String.Input("style_prompt", default="an image in the style of [v]",
-                                tooltip="Prompt of the style LoRA (ConsisLoRA's)."),
-                io.String.Input("style_content_prompt", default="a [v]",
-                                tooltip="Prompt of the decoupling LoRA on the style image (ConsisLoRA's)."),
+                *prompt_inputs(
+                    content_prompt=("a photo of [c] person", "Prompt of the photo. Use the same words at inference."),
+                    style_prompt=("an image in the style of [v]", "Prompt of the style LoRA (ConsisLoRA's)."),
+                    style_content_prompt=("a [v]", "Prompt of the decoupling LoRA on the style image (ConsisLoRA's).")),
                 io.Combo.Input("blocks", options=list(BLOCK_PRESETS), default="attn",
                                tooltip="Where the content and the style LoRA go. " + _BLOCKS_TIP),
                 io.Int.Input("rank", default=c.rank, min=1, max=256, tooltip="Rank of all three LoRAs."),

@@ -26,6 +26,12 @@ def identity_folder_input(input_id: str) -> io.String.Input:
                                    "ComfyUI's input folder.")
 
 
+def prompt_inputs(**prompts: tuple[str, str]) -> list[io.String.Input]:
+    """One-line prompt inputs, in the order given: ``input_id=(default, tooltip)`` each."""
+    return [io.String.Input(input_id, default=default, tooltip=tooltip)
+            for input_id, (default, tooltip) in prompts.items()]
+
+
 def class_word_input(default: str) -> io.String.Input:
     return io.String.Input("class_word", default=default,
                            tooltip="Prompts are templates such as 'a photo of sks <class word>'.")

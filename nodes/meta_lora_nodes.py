@@ -79,11 +79,11 @@ class MetaStage1(JobNode):
             node_id="IDLoRAMetaLoRAStage1",
             display_name="IDLoRA Meta-LoRA Stage 1",
             category=CATEGORY,
-            is_output_node=True,
             description="Meta-train a shared LoRA Meta-Down over many identities (Meta-LoRA Algorithm 1) as a "
                         "background job: buckets of identities, a warm-up of each bucket in which only their "
                         "Mid/Up learn, the other identities kept off the device. Writes models/idlora/meta_down/"
                         "<name>.safetensors. For several GPUs use tools/meta_lora_stage1.py under torchrun.",
+            is_output_node=True,
             inputs=[
                 *diffusion_inputs("The base model; it is not modified."),
                 identity_folder_input("dataset"),

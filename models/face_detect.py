@@ -49,14 +49,8 @@ FIX_HINT = ("use a photo where the face is at least ~40 px wide, frontal and uno
             "or lower the detection threshold")
 
 
-@dataclass
-class Face:
-    """One detected face: ``box`` (x1, y1, x2, y2), clipped to the image, and ``landmarks``
-    (5, 2) in the ArcFace order, both in the image's pixels (landmarks may lie outside it)."""
-    box: tuple[float, float, float, float]
-    score: float
-    landmarks: np.ndarray
-    image_index: int = 0
+class BoxSize:
+    """``width`` and ``height`` of a ``box`` (x0, y0, x1, y1): of a Face, of a meta_augment.Crop."""
 
     @property
     def width(self) -> float:
@@ -65,6 +59,16 @@ class Face:
     @property
     def height(self) -> float:
         return self.box[3] - self.box[1]
+
+
+@dataclass
+class Face(BoxSize):
+    """One detected face: ``box`` (x1, y1, x2, y2), clipped to the image, and ``landmarks``
+    (5, 2) in the ArcFace order, both in the image's pixels (landmarks may lie outside it)."""
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray
+    image_index: int = 0
 
 
 class NoFaceError(ValueError):

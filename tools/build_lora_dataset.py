@@ -43,14 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, add_comfy_flag, import_adapter, setup_comfy, setup_logging  # noqa: E402
+from meta_lora_stage1 import InputError, add_comfy_flag, load_diffusion, setup_comfy, setup_logging  # noqa: E402
+from meta_lora_stage1 import TARGETS_FLAG  # noqa: E402
 
 log = logging.getLogger("idlora.build_lora_dataset")
 # (flag, DatasetConfig field, help); the types and defaults are the config's (training/lora_dataset.py)
 DATASET_FLAGS = (("--steps", "steps", "steps per identity"),
                  ("--lr", "learning_rate", "learning rate"),
                  ("--rank", "rank", "LoRA rank (meta_lora: r2)"),
-                 ("--targets", "targets", "layers to adapt: a preset of models/lora.py or a regex"),
+                 TARGETS_FLAG,
                  ("--batch-size", "batch_size", "images per step (meta_lora: 1)"),
                  ("--res", "resolution", "training resolution in px (square, a multiple of 8)"),
                  ("--class-word", "class_word", "class word of the prompts ('a photo of sks <class word>')"),
@@ -257,14 +258,7 @@ def build_shard(a: argparse.Namespace) -> dict:
         if device.type == "cpu":  # ComfyUI's fp16 text encoder is 3-8x slower than fp32 on a CPU
             from comfy.cli_args import args as comfy_args
             comfy_args.fp32_text_enc = True
-        import comfy.sd
-        ComfyDiffusion = import_adapter()
-        loaded = comfy.sd.load_checkpoint_guess_config(a.checkpoint, output_vae=True, output_clip=True)
-        model, clip, vae = loaded[:3]
-        if model is None or clip is None or vae is None:
-            raise InputError(f"--checkpoint {a.checkpoint} lacks a U-Net, CLIP or VAE: the builder needs a full "
-                             f"checkpoint")
-        diffusion = ComfyDiffusion(model, clip, vae, load="private")
+        diffusion = load_diffusion(a.checkpoint, "the builder")
         log.info("loaded %s (%s, %s prediction) in %.1f s on %s", a.checkpoint, diffusion.name,
                  diffusion.prediction_type, time.perf_counter() - t0, device)
         embed_image = image_fn(a, device)
@@ -272,7 +266,7 @@ def build_shard(a: argparse.Namespace) -> dict:
         t1 = time.perf_counter()
         items = identity_items(diffusion, mine, cfg, embed_face, embed_image, base_model, extra,
                                skip=lambda n, h: finished(out, n, h))
-        clip = vae = loaded = embed_face = embed_image = None  # the U-Net stays; the encoders are done
+        embed_face = embed_image = None  # the U-Net stays; the encoders are done
         diffusion.clip = diffusion.vae = None
         log.info("encoded %d identities in %.1f s", len(items), time.perf_counter() - t1)
 

@@ -42,16 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, add_loop_flags, check_loop_args, run_main, train_steps  # noqa: E402
+from meta_lora_stage1 import InputError, add_loop_flags, check_loop_args, finish, run_main, train_steps  # noqa: E402
+from meta_lora_stage1 import LR_FLAG, MAX_GRAD_NORM_FLAG  # noqa: E402
 
 log = logging.getLogger("idlora.difflora_train")
 
 # (flag, config field, help); the types and defaults are the config dataclasses' (training/difflora.py)
 COMMON = (("--steps", "steps", "total optimizer steps"),
-          ("--lr", "learning_rate", "learning rate (AdamW)"),
+          LR_FLAG,
           ("--batch-size", "batch_size", "samples per step and process"),
           ("--weight-decay", "weight_decay", "AdamW weight decay"),
-          ("--max-grad-norm", "max_grad_norm", "gradient clipping (0: off)"),
+          MAX_GRAD_NORM_FLAG,
           ("--seed", "seed", "seed of the initialisation (shared) and of the batches (seed + rank)"))
 LAE_ONLY = (("--wp-weight", "wp_weight", "weight of the weight-preserved loss (0: reconstruction only)"),
             ("--patch", "patch", "numbers per token of the first encoder layer"),
@@ -285,18 +286,12 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
                     sync_path(a), lambda: save_checkpoint(trainer, a, rank, fp), "weights")
     trainer.module.eval()
 
-    if trainer.step < cfg.steps:
-        log.info("stopped after step %d (--stop-after); continue with --resume", trainer.step)
-        return 0
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
+    def write() -> None:
         result = write_output(a, trainer, extra, pop, layout)
         log.info("wrote %s after %d steps; total %.1f s", result["path"], trainer.step, time.perf_counter() - t0)
         print(json.dumps(result), flush=True)
-    if world > 1:
-        dist.barrier()
-    return 0
+
+    return finish(trainer.step, cfg.steps, world, rank, write)
 
 
 def main(argv=None) -> int:

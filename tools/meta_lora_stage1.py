@@ -47,13 +47,17 @@ RESUME_KEYS = ("res", "class_word", "r1", "r2", "targets", "batch_size", "lr", "
                "bucket_steps", "warmup_fraction", "seed", "precision", "max_grad_norm")
 
 
+# (flag, config field, help) of the settings the training tools share (training/config.add_flags)
+LR_FLAG = ("--lr", "learning_rate", "learning rate (AdamW)")
+TARGETS_FLAG = ("--targets", "targets", "layers to adapt: a preset of models/lora.py or a regex")
+MAX_GRAD_NORM_FLAG = ("--max-grad-norm", "max_grad_norm", "gradient clipping (0: off)")
 # (flag, MetaStage1Config field, help); the types and defaults are the config's (training/meta_lora.py)
 STAGE1_FLAGS = (("--r1", "r1", "Meta-Down rank (the paper: 128)"),
                 ("--r2", "rank", "Mid / Up rank (the paper: 1)"),
-                ("--targets", "targets", "layers to adapt: a preset of models/lora.py or a regex"),
+                TARGETS_FLAG,
                 ("--steps", "steps", "total iterations q_total"),
                 ("--batch-size", "batch_size", "images per step and process"),
-                ("--lr", "learning_rate", "learning rate (AdamW)"),
+                LR_FLAG,
                 ("--identities-per-bucket", "identities_per_bucket", "identities trained together per process"),
                 ("--bucket-steps", "bucket_steps",
                  "iterations per bucket q_bucket (0: each image of a bucket is used about 10 times)"),
@@ -61,7 +65,7 @@ STAGE1_FLAGS = (("--r1", "r1", "Meta-Down rank (the paper: 128)"),
                  "share of a bucket's iterations that train only Mid / Up (the paper: 0.4)"),
                 ("--seed", "seed", "seed of the initialisation, the buckets and the batches"),
                 ("--precision", "precision", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32"),
-                ("--max-grad-norm", "max_grad_norm", "gradient clipping (0: off)"),
+                MAX_GRAD_NORM_FLAG,
                 ("--gradient-checkpointing", "gradient_checkpointing", "less memory, about 30%% slower"))
 
 
@@ -179,6 +183,17 @@ def import_adapter():
     import_pack()
     from idlora.nodes.comfy_adapter import ComfyDiffusion
     return ComfyDiffusion
+
+
+def load_diffusion(checkpoint: str, who: str):
+    """The checkpoint as a ComfyDiffusion, loaded with ComfyUI in-process (after ``setup_comfy``); InputError when it
+    lacks a U-Net, CLIP or VAE (``who`` needs a full checkpoint)."""
+    import comfy.sd
+    ComfyDiffusion = import_adapter()
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
+    if model is None or clip is None or vae is None:
+        raise InputError(f"--checkpoint {checkpoint} lacks a U-Net, CLIP or VAE: {who} needs a full checkpoint")
+    return ComfyDiffusion(model, clip, vae, load="private")
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -335,14 +350,7 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="idlora_stage1_comfy_") as base_dir:
         setup_comfy(a.comfy, base_dir, device.type == "cuda")
-        import comfy.sd
-        ComfyDiffusion = import_adapter()
-        loaded = comfy.sd.load_checkpoint_guess_config(a.checkpoint, output_vae=True, output_clip=True)
-        model, clip, vae = loaded[:3]
-        if model is None or clip is None or vae is None:
-            raise InputError(f"--checkpoint {a.checkpoint} lacks a U-Net, CLIP or VAE: stage 1 needs a full "
-                             f"checkpoint")
-        diffusion = ComfyDiffusion(model, clip, vae, load="private")
+        diffusion = load_diffusion(a.checkpoint, "stage 1")
         log.info("loaded %s (%s, %s prediction) in %.1f s", a.checkpoint, diffusion.name, diffusion.prediction_type,
                  time.perf_counter() - t0)
 
@@ -350,8 +358,7 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
         encoded = [(name, load_images(paths, a.res)) for name, paths in identities]
         data = encode_identity_set(diffusion, encoded, a.class_word, a.seed)
         del encoded
-        clip = vae = loaded = None  # drop our references to the text encoder and VAE; the U-Net stays
-        diffusion.clip = diffusion.vae = None
+        diffusion.clip = diffusion.vae = None  # drop the references to the text encoder and VAE; the U-Net stays
         log.info("encoded %d images at %d px in %.1f s (latents %s)", n_images, a.res, time.perf_counter() - t1,
                  tuple(data.latents.shape[1:]))
 
@@ -376,18 +383,28 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
             train_steps(trainer, lambda: trainer.network.meta_down.values(), a, cfg.steps, world, rank, coll_device,
                         out / SYNC_FILE, lambda: save_checkpoint(trainer, out, rank, fp), "Meta-Downs")
 
-        if trainer.step < cfg.steps:
-            log.info("stopped after step %d (--stop-after); continue with --resume", trainer.step)
-            return 0
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
+        def write() -> None:
             path = out / META_DOWN_FILE
             save_meta_down(path, trainer.network, trainer.meta_down_metadata(a.name or out.resolve().name))
             log.info("wrote %s (r1 %d, %d modules) after %d steps; total %.1f s", path, cfg.r1,
                      len(trainer.network.names), trainer.step, time.perf_counter() - t0)
-        if world > 1:
-            dist.barrier()
+
+        return finish(trainer.step, cfg.steps, world, rank, write)
+
+
+def finish(step: int, total: int, world: int, rank: int, write: Callable[[], None]) -> int:
+    """The end of both torchrun tools' runs (0): stopped early by --stop-after, or ``write()`` the result on process
+    0 while the others wait."""
+    import torch.distributed as dist
+    if step < total:
+        log.info("stopped after step %d (--stop-after); continue with --resume", step)
+        return 0
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        write()
+    if world > 1:
+        dist.barrier()
     return 0
 
 

@@ -22,6 +22,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -49,23 +50,44 @@ class DiffLoraFileError(ValueError):
 # -- configs ----------------------------------------------------------------------------------------
 
 @dataclass
-class LaeTrainConfig(TrainingConfig):
+class NetTrainConfig(TrainingConfig):
+    """The optimiser settings both DiffLoRA trainers share (AdamW); the defaults are the DiT's."""
+    steps: int = 5000
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    _lr_example: ClassVar[str] = "1e-4"  # the learning rate the message of a bad one suggests
+
+    def validate(self) -> "NetTrainConfig":
+        self.need(isinstance(self.steps, int) and self.steps >= 1, "steps", "use a whole number >= 1")
+        self.need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
+                  f"use e.g. {self._lr_example}")
+        self.need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use a number >= 1")
+        self.need(self.max_grad_norm >= 0, "max_grad_norm", "use a number >= 0 (0 disables clipping)")
+        return self
+
+
+@dataclass
+class LaeTrainConfig(NetTrainConfig):
     steps: int = 2000
     learning_rate: float = 2e-5     # the paper (batch 4); small populations train faster with ~1e-3
     batch_size: int = 4
     wp_weight: float = 1.0          # 0: reconstruction only (the paper's "No WP Loss" ablation)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    patch: int = 16
-    levels: int = 5
-    channels: int = 64
-    latent_channels: int = 4
-    heads: int = 4
-    mlp_hidden: int = 256
+    # the LAE's architecture, by default the model config's (models/lae.py)
+    patch: int = LaeConfig.patch
+    levels: int = LaeConfig.levels
+    channels: int = LaeConfig.channels
+    latent_channels: int = LaeConfig.latent_channels
+    heads: int = LaeConfig.heads
+    mlp_hidden: int = LaeConfig.mlp_hidden
+
+    _lr_example: ClassVar[str] = "2e-5"
 
     def validate(self) -> "LaeTrainConfig":
-        check_common(self, "2e-5")
+        super().validate()
         self.need(self.wp_weight >= 0, "wp_weight", "use a number >= 0 (0 turns the WP loss off)")
         return self
 
@@ -77,32 +99,19 @@ class LaeTrainConfig(TrainingConfig):
             raise TrainingInputError(str(e)) from None
 
 
-def check_common(cfg: LaeTrainConfig | DiTTrainConfig, lr_example: str) -> None:
-    """The settings both DiffLoRA trainers share."""
-    cfg.need(isinstance(cfg.steps, int) and cfg.steps >= 1, "steps", "use a whole number >= 1")
-    cfg.need(math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, "learning_rate", f"use e.g. {lr_example}")
-    cfg.need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, "batch_size", "use a number >= 1")
-    cfg.need(cfg.max_grad_norm >= 0, "max_grad_norm", "use a number >= 0 (0 disables clipping)")
-
-
 @dataclass
-class DiTTrainConfig(TrainingConfig):
-    steps: int = 5000
-    learning_rate: float = 1e-4
-    batch_size: int = 32
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    hidden: int = 256               # the paper: 1454
-    depth: int = 6                  # the paper: 16
-    heads: int = 4
-    mlp_ratio: float = 4.0
+class DiTTrainConfig(NetTrainConfig):
+    # the DiT's architecture, by default the model config's (models/dit.py)
+    hidden: int = DiTConfig.hidden  # the paper: 1454
+    depth: int = DiTConfig.depth    # the paper: 16
+    heads: int = DiTConfig.heads
+    mlp_ratio: float = DiTConfig.mlp_ratio
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.012
 
     def validate(self) -> "DiTTrainConfig":
-        check_common(self, "1e-4")
+        super().validate()
         self.need(isinstance(self.timesteps, int) and self.timesteps >= 2, "timesteps", "use e.g. 1000")
         self.need(0 < self.beta_start < self.beta_end < 1, "beta_end", "use 0 < beta_start < beta_end < 1")
         return self

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..models.face_detect import FIX_HINT, FaceDetector, NoFaceError, to_rgb_uint8
+from ..models.face_detect import FIX_HINT, BoxSize, FaceDetector, NoFaceError, to_rgb_uint8
 from .config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class AugmentConfig(Config):
 
 
 @dataclass
-class Crop:
+class Crop(BoxSize):
     """One planned crop.
 
     ``box`` is (x0, y0, x1, y1) in source pixels (x1, y1 exclusive); ``ratio`` the requested
@@ -131,14 +131,6 @@ class Crop:
     flipped: bool
     clamped: bool
     shifted: bool = False
-
-    @property
-    def width(self) -> int:
-        return self.box[2] - self.box[0]
-
-    @property
-    def height(self) -> int:
-        return self.box[3] - self.box[1]
 
     @property
     def exact(self) -> bool:

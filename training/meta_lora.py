@@ -97,11 +97,16 @@ class CropData:
 # -- configs --------------------------------------------------------------------------------
 
 @dataclass
-class MetaStage1Config(LoraTrainConfig):
-    """``rank`` is r2 (Mid's output). ``steps`` is q_total."""
-    steps: int = 2000
+class MetaLoraConfig(LoraTrainConfig):
+    """The defaults both Meta-LoRA stages share; ``rank`` is r2 (Mid's output)."""
     learning_rate: float = 4e-4
     rank: int = 1
+
+
+@dataclass
+class MetaStage1Config(MetaLoraConfig):
+    """``steps`` is q_total."""
+    steps: int = 2000
     batch_size: int = 4
     r1: int = 128
     identities_per_bucket: int = 8
@@ -125,11 +130,9 @@ class MetaStage1Config(LoraTrainConfig):
 
 
 @dataclass
-class MetaStage2Config(LoraTrainConfig):
-    """Stage 2: Mid and Up only. ``rank`` is r2. Defaults from the paper's B.1."""
+class MetaStage2Config(MetaLoraConfig):
+    """Stage 2: Mid and Up only. Defaults (with MetaLoraConfig's) from the paper's B.1."""
     steps: int = 375
-    learning_rate: float = 4e-4
-    rank: int = 1
     batch_size: int = 1
 
 

@@ -27,14 +27,13 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..models.dit import DiTConfig, LoraDiT
 from ..models.lae import LaeConfig, LoraAutoencoder, lae_loss
 from .config import TrainingConfig
-from .fileio import atomic_path
+from .fileio import atomic_path, read_safetensors
 from .lora_format import LoraBundle, LoraWeight
 from .lora_trainer import NonFiniteLossError, TrainingInputError
 from .lora_vector import LoraLayout
@@ -406,12 +405,7 @@ def load_difflora(path: str | Path, device: torch.device | str = "cpu") -> DiffL
     if not path.is_file():
         raise DiffLoraFileError(f"the DiffLoRA file {path} does not exist: put it in models/difflora or train one "
                                 f"(IDLoRA Train LoRA Autoencoder, then IDLoRA Train DiffLoRA)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise DiffLoraFileError(f"{path} is not a readable safetensors file ({e}): train it again") from None
+    tensors, header = read_safetensors(path, DiffLoraFileError, ": train it again")
     if header.get("idlora_kind") not in (KIND_LAE, KIND_DIFFLORA):
         raise DiffLoraFileError(f"{path} is not a DiffLoRA or LAE file (no idlora_kind in its metadata): pick a file "
                                 f"written by IDLoRA Train LoRA Autoencoder or IDLoRA Train DiffLoRA")

@@ -194,3 +194,15 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True,
     if removed:
         logger.info("IDLoRA: removed %d temp file(s) of interrupted writes under %s", len(removed), root)
     return removed
+
+
+def read_safetensors(path: Path, damaged: type[Exception], fix: str,
+                     keep=lambda key: True) -> tuple[dict, dict[str, str]]:
+    """(tensors whose key ``keep`` accepts, metadata) of a safetensors file on the CPU. A file that is there but
+    cannot be read raises ``damaged``, naming the file, the reader's reason and ``fix``."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}, f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise damaged(f"{path} is not a readable safetensors file ({e}){fix}") from None

@@ -502,7 +502,7 @@ def run_reconstruction(spec: dict) -> dict:
         sigma = model.sigmas[torch.randint(0, len(model.sigmas), (n,), generator=g)]
         noise = torch.randn(x0.shape, generator=g)
         cond = {c: v[:1].expand(n, *v.shape[1:]) for c, v in d.cond.items()}
-        draws.append((add_noise(x0, noise, sigma), sigma, cond))
+        draws.append((add_noise(model.prediction_type, x0, noise, sigma), sigma, cond))
     net = LoraNetwork(select_targets(model.denoiser, TARGETS), spec["rank"])
 
     def predict(i: int, vector=None):

@@ -312,7 +312,7 @@ def run_quality(spec: dict) -> dict:
         x0 = latents[idx]
         sigma = model.sigmas[torch.randint(0, len(model.sigmas), (n,), generator=g)]
         noise = torch.randn(x0.shape, generator=g)
-        return add_noise(x0, noise, sigma), sigma, {k: v[:1].expand(n, *v.shape[1:]) for k, v in cond.items()}
+        return add_noise(model.prediction_type, x0, noise, sigma), sigma, {k: v[:1].expand(n, *v.shape[1:]) for k, v in cond.items()}
 
     eval_sets = {"content": draws(data.content, data.cond_c), "style": draws(data.style, data.cond_s)}
 

@@ -216,7 +216,7 @@ def _distilling(base):
         identity: int | None = None  # stage 2: the one identity; stage 1: the batch's owners
 
         def loss(self, x0, cond, noise, sigma):
-            x_t = add_noise(x0, noise, sigma)
+            x_t = add_noise(self.model.prediction_type, x0, noise, sigma)
             out = self.model.net_forward(x_t, sigma, cond)
             ids = (torch.tensor([self.identity]) if self.identity is not None
                    else self.data.owner[self.batch_idx].cpu())
@@ -336,7 +336,7 @@ def run_convergence(cfg: TaskConfig, log=print) -> dict:
     ev_noise = torch.randn(ne, 4, lat, lat, generator=ge)
     ev_sigma = model.sigmas[torch.linspace(0, len(model.sigmas) - 1, ne).round().long()]
     ev_cond = model.encode_prompts(identity_prompts("person", ne, seed=cfg.seed + 3), 8 * lat, 8 * lat)
-    ev_xt = add_noise(ev_x0, ev_noise, ev_sigma)
+    ev_xt = add_noise(model.prediction_type, ev_x0, ev_noise, ev_sigma)
     with torch.no_grad():
         ev_base = model.net_forward(ev_xt, ev_sigma, ev_cond)
     ev_target = {i: truth.predict(ev_xt, ev_sigma, ev_cond, torch.tensor([i])) for i in tests + control}

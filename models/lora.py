@@ -35,12 +35,61 @@ PRESETS: dict[str, str] = {
     "all_linear": r".*",
     "all_linear_conv": r".*",
 }
+# Flux (ComfyUI's and BFL's module names, from which kohya names Flux LoRA keys: double_blocks.0.img_attn.qkv ->
+# lora_unet_double_blocks_0_img_attn_qkv). A single block fuses attention and MLP in two layers (linear1: q, k, v and
+# the MLP's input; linear2: the attention output and the MLP's output), so its attention cannot be trained alone
+# without splitting them; kohya does not split them by default either (split_qkv off), and neither do these presets.
+_FLUX_DOUBLE_ATTN = r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$"
+_FLUX_SINGLE = r"single_blocks\.\d+\.linear[12]$"
+_FLUX_DOUBLE_MLP = r"double_blocks\.\d+\.(img|txt)_mlp\.[02]$"
+# SD3.x (MMDiT): joint blocks of an image (x) and a text (context) stream
+_SD3_ATTN = r"joint_blocks\.\d+\.(x|context)_block\.attn\.(qkv|proj)$"
+_SD3_MLP = r"joint_blocks\.\d+\.(x|context)_block\.mlp\.fc[12]$"
+PRESETS.update({
+    "flux_attn": f"({_FLUX_DOUBLE_ATTN})|({_FLUX_SINGLE})",
+    "flux_all_linear": f"({_FLUX_DOUBLE_ATTN})|({_FLUX_DOUBLE_MLP})|({_FLUX_SINGLE})",
+    "sd3_attn": _SD3_ATTN,
+    "sd3_all_linear": f"({_SD3_ATTN})|({_SD3_MLP})",
+})
 PRESET_DOCS: dict[str, str] = {
-    "attn": "attention q/k/v/out projections of every transformer block (self and cross attention)",
-    "attn_ff": "attention projections plus the feed-forward (GEGLU) layers of every transformer block",
+    "attn": "U-Nets: attention q/k/v/out projections of every transformer block (self and cross attention)",
+    "attn_ff": "U-Nets: attention projections plus the feed-forward (GEGLU) layers of every transformer block",
     "all_linear": "every Linear layer of the denoiser (attention, feed-forward, proj_in/out, time embeddings)",
     "all_linear_conv": "every Linear and Conv2d layer of the denoiser (kohya 'LoCon'-style coverage)",
+    "flux_attn": "Flux: the double blocks' image and text attention (qkv, proj) and the single blocks' linear1 and "
+                 "linear2 (each fuses attention with the MLP)",
+    "flux_all_linear": "Flux: flux_attn plus the double blocks' MLPs: every Linear of the double and single blocks "
+                       "but the modulation layers (kohya's default set for Flux)",
+    "sd3_attn": "SD3.x: attention qkv and proj of both streams of every joint block",
+    "sd3_all_linear": "SD3.x: sd3_attn plus the MLPs (fc1, fc2) of every joint block",
 }
+# The architecture each preset is written for (None: any model); see architecture().
+PRESET_ARCH: dict[str, str | None] = {"attn": "unet", "attn_ff": "unet", "all_linear": None, "all_linear_conv": None,
+                                      "flux_attn": "flux", "flux_all_linear": "flux", "sd3_attn": "sd3",
+                                      "sd3_all_linear": "sd3"}
+_ARCH_NAMES = {"unet": "U-Net models (SD1.x, SD2.x, SDXL)", "flux": "Flux", "sd3": "SD3.x"}
+
+
+def architecture(model: nn.Module) -> str:
+    """'flux', 'sd3' or 'unet', from the denoiser's top-level module names (BFL's double/single blocks, MMDiT's
+    joint blocks, anything else)."""
+    names = {n for n, _ in model.named_children()}
+    if "double_blocks" in names:
+        return "flux"
+    if "joint_blocks" in names:
+        return "sd3"
+    return "unet"
+
+
+def check_preset_fits(targets: str, model: nn.Module) -> None:
+    """Raise LoraConfigError when ``targets`` is a preset written for another architecture than the model's."""
+    want, have = PRESET_ARCH.get(targets), architecture(model)
+    if want is None or want == have:
+        return
+    fits = [k for k, a in PRESET_ARCH.items() if a in (have, None)]
+    raise LoraConfigError(f"targets = {targets!r} is a preset for {_ARCH_NAMES[want]}, but this model is a "
+                          f"{'U-Net' if have == 'unet' else _ARCH_NAMES[have] + ' DiT'}: use one of "
+                          f"{', '.join(fits)}")
 
 
 class LoraConfigError(ValueError):
@@ -149,6 +198,7 @@ def select_targets(model: nn.Module, targets: str = "attn", exclude: str | None 
     ``targets`` is a preset name (see PRESETS) or a regular expression searched in each dotted
     module name (e.g. ``attn2\\.to_(k|v)$``). Raises LoraConfigError when nothing matches.
     """
+    check_preset_fits(targets, model)
     kinds: tuple[type, ...] = (nn.Linear, nn.Conv2d) if targets == "all_linear_conv" else (nn.Linear,)
     pattern = PRESETS.get(targets)
     if pattern is None:

@@ -21,13 +21,18 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 
+from ..models.storage import is_float8, store_linear_weights
 from ..models.taesd import TAESD_EXTENSIONS, TAESD_FILES, load_taesd_decoder
-from ..training.diffusion import Cond
+from ..training.diffusion import FLOW, Cond
 from ..training.lora_format import LoraBundle, LoraFormatError, MatchReport, resolve
 
 log = logging.getLogger(__name__)
 
-_PREDICTION = {comfy.model_base.ModelType.EPS: "eps", comfy.model_base.ModelType.V_PREDICTION: "v"}
+_MT = comfy.model_base.ModelType
+# ComfyUI's model types IDLoRA trains, as training.diffusion prediction types: FLUX and FLOW (SD3.x) both use the
+# CONST parametrisation (flow matching); they differ in the model's sampling schedule, which ComfyUI holds.
+_PREDICTION = {_MT.EPS: "eps", _MT.V_PREDICTION: "v", _MT.FLUX: FLOW, _MT.FLOW: FLOW}
+DIT_PIXEL_MULTIPLE = 16  # Flux / SD3: 8x VAE and 2x2 patches
 
 DECODER_KINDS = ("vae", "taesd")
 
@@ -59,21 +64,28 @@ class ComfyDiffusion:
         base = self.patcher.model
         if base.model_type not in _PREDICTION:
             raise UnsupportedModelError(
-                f"IDLoRA trains eps- and v-prediction U-Nets (SD1.x, SD2.x, SDXL); this model is "
-                f"{type(base.model_config).__name__} with prediction {base.model_type.name}")
+                f"IDLoRA trains eps- and v-prediction U-Nets (SD1.x, SD2.x, SDXL) and the flow-matching DiTs (Flux, "
+                f"SD3.x); this model is {type(base.model_config).__name__} with prediction {base.model_type.name}: "
+                f"load one of those")
         if load == "shared":
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         elif load == "private":
             self.patcher.patch_model(device_to=self.patcher.load_device)
-            if base.manual_cast_dtype is not None:
-                base.diffusion_model.to(base.manual_cast_dtype)
             _plain_torch_layers(base.diffusion_model)
+            if base.manual_cast_dtype is not None:
+                _to_compute_dtype(base.diffusion_model, base.manual_cast_dtype)
         self.base = base
         self.denoiser = base.diffusion_model
         self.prediction_type = _PREDICTION[base.model_type]
         self.sigmas = base.model_sampling.sigmas.detach().float().cpu().clone()
         self.device = self.patcher.load_device
         self.name = model_family(self.patcher)
+        # Flux-dev's guidance embedding: the value fed while training (trainers set it; kohya and ai-toolkit use 1.0)
+        self.guidance_embed = bool(getattr(getattr(self.denoiser, "params", None), "guidance_embed", False))
+        self.guidance = 1.0
+        # ComfyUI's DiTs add to each block's residual stream in place (Flux: img += ..., SD3: x += ...): training
+        # keeps copies of what autograd saves (training.lora_trainer.saved_copies)
+        self.inplace_blocks = self.prediction_type == FLOW
         self._decoders: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
         _uninference(self.denoiser)
 
@@ -88,7 +100,10 @@ class ComfyDiffusion:
         dtype = self.base.get_dtype() if self.base.manual_cast_dtype is None else self.base.manual_cast_dtype
         xc = ms.calculate_input(sigma, x_noisy).to(dtype)
         t = ms.timestep(sigma).float()
-        extra = {k: v.to(self.device, dtype) for k, v in cond.items() if k != "context"}
+        extra = {k: v.to(self.device, dtype) for k, v in cond.items() if k not in ("context", "guidance")}
+        if self.guidance_embed:
+            g = cond.get("guidance")
+            extra["guidance"] = (torch.full((x_noisy.shape[0],), self.guidance) if g is None else g).to(self.device)
         return self.denoiser(xc, t, context=cond["context"].to(self.device, dtype), **extra)
 
     def preview(self, latents: torch.Tensor) -> torch.Tensor:
@@ -138,25 +153,49 @@ class ComfyDiffusion:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             raise ValueError("vae is not connected: connect the VAE output of Load Checkpoint")
-        images = _crop_to_multiple(images[..., :3].clone(), 8)
+        multiple = DIT_PIXEL_MULTIPLE if self.prediction_type == FLOW else 8
+        h, w = images.shape[1], images.shape[2]
+        if h % multiple or w % multiple:
+            log.warning("IDLoRA: images of %dx%d px are not a multiple of %d px, which %s needs: training on their "
+                        "centre %dx%d px (resize them to a multiple of %d to use every pixel)", w, h, multiple,
+                        self.name, w // multiple * multiple, h // multiple * multiple, multiple)
+        images = _crop_to_multiple(images[..., :3].clone(), multiple)
         return self.base.process_latent_in(self.vae.encode(images))
 
     def encode_prompts(self, prompts: list[str], width: int, height: int) -> Cond:
         if self.clip is None:
-            raise ValueError("clip is not connected: connect the CLIP output of Load Checkpoint")
+            raise ValueError("clip is not connected: connect the CLIP output of Load Checkpoint (or a text encoder "
+                             "loader), or connect a conditioning instead")
         rows: dict[str, dict[str, torch.Tensor]] = {}
         for p in dict.fromkeys(prompts):  # encode each distinct prompt once
             cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(p), return_pooled=True)
-            extra = self.base.extra_conds(cross_attn=cond, pooled_output=pooled, width=width, height=height,
-                                          target_width=width, target_height=height, crop_w=0, crop_h=0,
-                                          device=self.device)
-            if "c_concat" in extra:
-                raise UnsupportedModelError("inpainting / concat-conditioned models are not supported for training")
-            row = {"context": extra["c_crossattn"].cond}
-            if "y" in extra:
-                row["y"] = extra["y"].cond
-            rows[p] = {k: v.detach().clone() for k, v in row.items()}
+            rows[p] = self._row(cond, pooled, width, height)
         return _stack_rows([rows[p] for p in prompts])
+
+    def encode_conditioning(self, conditioning: list, n: int, width: int, height: int) -> Cond:
+        """``n`` rows from a ComfyUI CONDITIONING (from any text encoder node): one entry for all images, or one
+        entry per image. Its own guidance values are not used: the trainer's guidance input is."""
+        if not isinstance(conditioning, list) or not conditioning:
+            raise ValueError("conditioning is empty: connect the output of a text encode node (e.g. CLIP Text "
+                             "Encode)")
+        if len(conditioning) not in (1, n):
+            raise ValueError(f"conditioning has {len(conditioning)} entries but images has {n} images: combine "
+                             f"one conditioning for all images, or give exactly one per image")
+        rows = [self._row(c, extra.get("pooled_output"), width, height) for c, extra in conditioning]
+        return _stack_rows(rows * n if len(rows) == 1 else rows)
+
+    def _row(self, cross_attn: torch.Tensor, pooled: torch.Tensor | None, width: int, height: int) -> Cond:
+        """One conditioning row as the denoiser takes it: the model's own extra_conds (SDXL's size embedding,
+        Flux's pooled vector, ...), without guidance (the trainer feeds that)."""
+        extra = self.base.extra_conds(cross_attn=cross_attn, pooled_output=pooled, width=width, height=height,
+                                      target_width=width, target_height=height, crop_w=0, crop_h=0,
+                                      device=self.device, guidance=None)
+        if "c_concat" in extra:
+            raise UnsupportedModelError("inpainting / concat-conditioned models are not supported for training")
+        row = {"context": extra["c_crossattn"].cond}
+        if "y" in extra:
+            row["y"] = extra["y"].cond
+        return {k: v.detach().clone() for k, v in row.items()}
 
 
 # -- latent -> RGB decoders -----------------------------------------------------
@@ -263,6 +302,19 @@ def _plain_torch_layers(module: torch.nn.Module) -> None:
         cls = type(m)
         if cls.__module__ == "comfy.ops":
             m.__class__ = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn."))
+
+
+def _to_compute_dtype(module: torch.nn.Module, compute: torch.dtype) -> None:
+    """A private model whose weights ComfyUI stores in a dtype it cannot compute in: fp8 Linear weights stay fp8
+    and are cast layer by layer (models.storage.CastLinear: a 12 B Flux keeps its 12 GB instead of growing to 24 or
+    48 GB); any other storage dtype is cast once to the compute dtype, as before."""
+    stored = next((m.weight.dtype for m in module.modules() if isinstance(m, torch.nn.Linear)), compute)
+    if is_float8(stored):
+        n = store_linear_weights(module, stored, compute)
+        log.info("IDLoRA: %d Linear layers keep their %s weights, computed in %s", n,
+                 str(stored).removeprefix("torch."), str(compute).removeprefix("torch."))
+    else:
+        module.to(compute)
 
 
 @torch.no_grad()

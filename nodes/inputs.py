@@ -13,9 +13,11 @@ def seed_input(default: int = 0, tooltip: str = SEED_TIP, **kwargs) -> io.Int.In
     return io.Int.Input("seed", default=default, min=0, max=2**31 - 1, tooltip=tooltip, **kwargs)
 
 
-def diffusion_inputs(model: str, clip: str = ENCODE_PROMPTS_TIP, vae: str = ENCODE_IMAGES_TIP) -> list:
-    """The ``model``, ``clip`` and ``vae`` inputs of a node that trains on the model, with their tooltips."""
-    return [io.Model.Input("model", tooltip=model), io.Clip.Input("clip", tooltip=clip),
+def diffusion_inputs(model: str, clip: str = ENCODE_PROMPTS_TIP, vae: str = ENCODE_IMAGES_TIP,
+                     clip_optional: bool = False) -> list:
+    """The ``model``, ``clip`` and ``vae`` inputs of a node that trains on the model, with their tooltips
+    (``clip_optional``: the node also takes a conditioning instead)."""
+    return [io.Model.Input("model", tooltip=model), io.Clip.Input("clip", tooltip=clip, optional=clip_optional),
             io.Vae.Input("vae", tooltip=vae)]
 
 

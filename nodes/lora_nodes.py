@@ -12,6 +12,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..models.lora import PRESET_DOCS, PRESETS
+from ..training.diffusion import TIMESTEP_SAMPLING_DOCS, TIMESTEP_SAMPLINGS
 from ..training.lora_format import LoraBundle, LoraFormatError, load_lora, sanitize_save_name, save_bundle
 from ..training.lora_job import LoraJobTask
 from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, check_images, prepare_data, split_prompts
@@ -28,6 +29,7 @@ LORA_SUBDIR = "idlora"
 D = LoraTrainConfig()
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _PRESET_TIP = "; ".join(f"{k}: {v}" for k, v in PRESET_DOCS.items())
+_SAMPLING_TIP = "; ".join(f"{k}: {v}" for k, v in TIMESTEP_SAMPLING_DOCS.items())
 
 
 def progress_callback(total: int):
@@ -95,10 +97,13 @@ class TrainLoRA(BackgroundNode):
             inputs=[
                 *diffusion_inputs("The model to train on. It is not modified; use IDLoRA Apply LoRA or save the "
                                   "LoRA and load it to use it.",
-                                  "Text encoder used to encode the prompt(s) once before training.",
-                                  "VAE used to encode the images to latents once before training."),
+                                  "Text encoder used to encode the prompt(s) once before training (or connect "
+                                  "'conditioning' instead).",
+                                  "VAE used to encode the images to latents once before training.",
+                                  clip_optional=True),
                 io.Image.Input("images", tooltip="Training images, one batch of equal size (e.g. from Load Image or "
-                                                 "an image batch node). Sizes are cropped to a multiple of 8 px."),
+                                                 "an image batch node). Sizes are cropped to a multiple of 8 px "
+                                                 "(16 px on Flux and SD3), keeping the centre."),
                 io.String.Input("prompt", multiline=True, default="a photo of sks person",
                                 tooltip="One prompt for all images, or one line per image (the line count must "
                                         "then equal the number of images)."),
@@ -133,32 +138,45 @@ class TrainLoRA(BackgroundNode):
                              tooltip="Background mode: every N steps, a preview of the model's denoised "
                                      "estimate of the first image (latent-to-RGB, no VAE) goes to the jobs "
                                      "panel. 0: none."),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default=D.timestep_sampling,
+                               optional=True, tooltip="How training noise levels are drawn. " + _SAMPLING_TIP),
+                io.Float.Input("guidance", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Flux-dev's guidance value while training. 0: the default, 1.0 on models "
+                                       "with a guidance embedding (as kohya and ai-toolkit train) and none on the "
+                                       "others; a value > 0 on a model without one is an error."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Instead of clip + prompt: the output of any text encode node (e.g. "
+                                              "for a text encoder that is not a CLIP input). One entry for all "
+                                              "images, or one per image; the prompt then only names the run."),
             ],
             outputs=lora_job_outputs(),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, prompt, steps, learning_rate, rank, alpha, targets,
-                batch_size, seed, gradient_checkpointing, precision, target_pattern="", mode="blocking",
-                job_name="idlora_lora", sample_every=25) -> io.NodeOutput:
+    def execute(cls, model, vae, images, prompt, steps, learning_rate, rank, alpha, targets,
+                batch_size, seed, gradient_checkpointing, precision, clip=None, target_pattern="", mode="blocking",
+                job_name="idlora_lora", sample_every=25, timestep_sampling="auto", guidance=0.0,
+                conditioning=None) -> io.NodeOutput:
         cfg = LoraTrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha or None,
                               targets=target_pattern.strip() or targets, batch_size=batch_size, seed=seed,
-                              gradient_checkpointing=gradient_checkpointing, precision=precision).validate()
+                              gradient_checkpointing=gradient_checkpointing, precision=precision,
+                              timestep_sampling=timestep_sampling, guidance=guidance or None).validate()
         split_prompts(prompt, check_images(images).shape[0])  # fail fast, before the model loads
         if check_mode(mode) == "background":
-            return cls.start_job(model, clip, vae, images, prompt, cfg, job_name, sample_every)
+            return cls.start_job(model, clip, vae, images, prompt, cfg, job_name, sample_every, conditioning)
         with torch.inference_mode(False):
             diffusion = ComfyDiffusion(model, clip, vae)
-            data = prepare_data(diffusion, images.clone(), prompt)
+            data = prepare_data(diffusion, images.clone(), prompt, conditioning)
             trainer = LoraTrainer(diffusion, data, cfg)
             bundle = trainer.run(progress_callback(cfg.steps))
         return io.NodeOutput(bundle, {"loss": trainer.losses}, "")
 
     @classmethod
-    def start_job(cls, model, clip, vae, images, prompt, cfg, job_name, sample_every) -> io.NodeOutput:
+    def start_job(cls, model, clip, vae, images, prompt, cfg, job_name, sample_every,
+                  conditioning=None) -> io.NodeOutput:
         with torch.inference_mode(False):
-            data = prepare_data(ComfyDiffusion(model, clip, vae, load="none"), images.clone(), prompt)
+            data = prepare_data(ComfyDiffusion(model, clip, vae, load="none"), images.clone(), prompt, conditioning)
         return start_lora_job(cls, job_name, lambda path, lora_name, source: LoraJobTask(
             cfg, path, lora_name, source, load_private_model, data=data, sample_every=sample_every))
 

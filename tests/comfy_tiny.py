@@ -91,10 +91,14 @@ CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------- models
 
-def _patcher_from_config(model_config_cls, unet_config: dict, seed: int):
+def _patcher_from_config(model_config_cls, unet_config: dict, seed: int, weight_dtype=None):
+    """``weight_dtype``: store the weights in it, computing in fp32 (ComfyUI's manual cast), as ComfyUI loads a file
+    of bf16 or fp8 weights on the CPU."""
     import comfy.model_patcher
 
     model_config = model_config_cls(dict(unet_config))
+    if weight_dtype is not None:
+        model_config.set_inference_dtype(weight_dtype, torch.float32)
     model = model_config.get_model({}, "")
     # Only the U-Net's weights are ours to fill: model_sampling / noise_augmentor
     # buffers are computed schedules.
@@ -118,6 +122,33 @@ def tiny_sdxl(seed: int = 0):
     import comfy.supported_models
 
     return _patcher_from_config(comfy.supported_models.SDXL, TINY_SDXL_UNET, seed)
+
+
+# A Flux-architecture DiT built from ComfyUI's own classes, small enough for in-process tests: hidden 64 with 2
+# heads of 32 (axes 8 + 12 + 12), 1 double and 1 single block, CLIP-L-sized text/pooled inputs cut to 32. Not what
+# detection would accept from a file (it fixes 3072 / 24 heads): that is the tiny Flux *checkpoint*'s job.
+TINY_FLUX_DIT = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+    "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+FLUX_CONTEXT_DIM = FLUX_POOLED_DIM = 32
+
+
+def tiny_flux(seed: int = 0, guidance: bool = True, weight_dtype=None):
+    """A Flux-dev-structured model (comfy.supported_models.Flux; FluxSchnell with ``guidance=False``) as a
+    ModelPatcher: ModelType.FLUX, ModelSamplingFlux, 16 latent channels."""
+    import comfy.supported_models
+
+    cls = comfy.supported_models.Flux if guidance else comfy.supported_models.FluxSchnell
+    return _patcher_from_config(cls, {**TINY_FLUX_DIT, "guidance_embed": guidance}, seed, weight_dtype)
+
+
+def tiny_flux_cond(batch: int = 1, seed: int = 0, tokens: int = 8) -> dict:
+    """Random Flux conditioning rows: {"context": (B, tokens, 32), "y": (B, 32)}."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return {"context": torch.randn((batch, tokens, FLUX_CONTEXT_DIM), generator=gen),
+            "y": torch.randn((batch, FLUX_POOLED_DIM), generator=gen)}
 
 
 def tiny_sdxl_cond(batch: int = 1, seed: int = 0):
@@ -286,8 +317,8 @@ def _self_check(comfy_dir: str) -> None:
 
 
 def tiny_patcher(arch: str):
-    """The tiny "sd15" or "sdxl" ModelPatcher (seed 0)."""
-    return tiny_sd15(seed=0) if arch == "sd15" else tiny_sdxl(seed=0)
+    """The tiny "sd15", "sdxl" or "flux" ModelPatcher (seed 0)."""
+    return {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "flux": tiny_flux}[arch](seed=0)
 
 
 def tiny_cond(arch: str, patcher, n: int, seed: int) -> dict:
@@ -295,6 +326,8 @@ def tiny_cond(arch: str, patcher, n: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     if arch == "sd15":
         return {"context": torch.randn(n, 77, 64, generator=g)}
+    if arch == "flux":
+        return tiny_flux_cond(n, seed)
     context, pooled = tiny_sdxl_cond(n, seed)
     y = patcher.model.encode_adm(pooled_output=pooled, width=64, height=64, crop_w=0, crop_h=0,
                                  target_width=64, target_height=64, device=torch.device("cpu"))
@@ -309,6 +342,39 @@ def meta_unets() -> dict:
     with torch.device("meta"):
         return {k: UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
                 for k, cfg in FULL_UNETS.items()}
+
+
+# The tiny model files `./idlora test` generates once per machine (tools/tiny_checkpoint.py --model, cached by
+# tools/bootstrap.py): env var with the file's path -> (ComfyUI models sub-folder, the name `./idlora start` gives it).
+TINY_MODEL_FILES = {
+    "IDLORA_TINY_FLUX": ("checkpoints", "idlora_tiny_flux.safetensors"),  # Flux-dev DiT (535 M, fp8) + VAE
+    "IDLORA_TINY_SD3": ("checkpoints", "idlora_tiny_sd3.safetensors"),  # SD3 MMDiT (1.3 M) + VAE
+    "IDLORA_TINY_CLIP_L": ("text_encoders", "idlora_tiny_clip_l.safetensors"),  # CLIPLoader, stable_diffusion
+}
+
+
+def link_tiny_model_files(models_dir) -> dict:
+    """Symlink the tiny Flux / SD3 checkpoints and the tiny CLIP-L into ``models_dir`` (e.g.
+    ``folder_paths.models_dir``) under their `./idlora start` names; return env var -> that name (what the stock
+    loaders take). Fails the test when an env var is not set (the tests run through ./idlora test)."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    out = {}
+    for var, (folder, name) in TINY_MODEL_FILES.items():
+        src = os.environ.get(var)
+        if not src or not Path(src).is_file():
+            pytest.fail(f"{var} is not set to the tiny model file: run the tests with ./idlora test")
+        dst = Path(models_dir) / folder / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink() and dst.resolve() != Path(src).resolve():
+            dst.unlink()
+        if not dst.exists():
+            dst.symlink_to(src)
+        out[var] = name
+    return out
 
 
 if __name__ == "__main__":

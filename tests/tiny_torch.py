@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idlora.training.diffusion import c_in, sd_sigmas
+from idlora.training.diffusion import FLOW, c_in, sd_sigmas
 
 
 class Attention(nn.Module):
@@ -105,7 +105,8 @@ class TinyDiffusion:
             torch.manual_seed(seed)
             self.denoiser = TinyDenoiser(ctx_dim=ctx_dim)
         self.prediction_type = prediction_type
-        self.sigmas = sd_sigmas()
+        # flow: sigma in (0, 1], the network sees x_t unscaled (ComfyUI's CONST); else SD's k-diffusion schedule
+        self.sigmas = torch.arange(1, 1001, dtype=torch.float32) / 1000 if prediction_type == FLOW else sd_sigmas()
         self.device = torch.device("cpu")
         self.ctx_dim = ctx_dim
         g = torch.Generator().manual_seed(seed + 1)
@@ -115,7 +116,8 @@ class TinyDiffusion:
 
     def net_forward(self, x_noisy, sigma, cond):
         t = torch.log(sigma.float()) * 100.0  # any smooth sigma -> t map will do here
-        return self.denoiser(x_noisy * c_in(sigma, x_noisy), t, cond["context"])
+        scale = 1.0 if self.prediction_type == FLOW else c_in(sigma, x_noisy)
+        return self.denoiser(x_noisy * scale, t, cond["context"])
 
     def encode_images(self, images):
         x = images[..., :3].permute(0, 3, 1, 2) * 2 - 1

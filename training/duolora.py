@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.merge import MergeNetwork
-from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, to_x0
+from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, sample_sigmas, to_x0
 from .lora_format import LoraBundle, LoraWeight
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainingInputError
 
@@ -228,10 +228,12 @@ class LoraMerger(LoraTrainer):
         for _ in range(self.cfg.cached_draws):
             i = int(torch.randint(0, len(self.data.content), (1,), generator=g))
             xc, xs = self.data.content[i:i + 1], self.data.style[:1]
-            t = torch.randint(*self.t_range, (2,), generator=g)
-            sc, ss = (self.model.sigmas[t[k]].reshape(1).to(xc.device) for k in range(2))
+            sigmas = sample_sigmas(self.model, self.cfg.timestep_sampling, 2, g, tuple(xc.shape[-2:]),
+                                   self.cfg.timestep_range)
+            sc, ss = (sigmas[k].reshape(1).to(xc.device) for k in range(2))
             nc, ns = (torch.randn(x.shape, generator=g).to(x.device) for x in (xc, xs))
-            xc_t, xs_t = add_noise(xc, nc, sc), add_noise(xs, ns, ss)
+            pt = self.model.prediction_type
+            xc_t, xs_t = add_noise(pt, xc, nc, sc), add_noise(pt, xs, ns, ss)
             out_c = self._single("c", xc_t, sc, self.data.cond_c)
             out_s = self._single("s", xs_t, ss, self.data.cond_s)
             draw = dict(xc=xc, xs=xs, nc=nc, ns=ns, sc=sc, ss=ss, xc_t=xc_t, xs_t=xs_t, out_c=out_c, out_s=out_s)
@@ -247,7 +249,7 @@ class LoraMerger(LoraTrainer):
         """The single LoRA's x0 after the same two denoising passes as the cycle (so that only what the cycle
         adds and removes differs): denoise, re-noise with the same noise, denoise again."""
         pt = self.model.prediction_type
-        again = add_noise(to_x0(pt, out, x_t, sigma), noise, sigma)
+        again = add_noise(pt, to_x0(pt, out, x_t, sigma), noise, sigma)
         return to_x0(pt, self._single(which, again, sigma, cond), again, sigma)
 
     # -- the objective -----------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ class LoraMerger(LoraTrainer):
         with torch.no_grad():  # translate: add the other concept with the mixed prompt
             i_cs = to_x0(pt, self.model.net_forward(d["xc_t"], d["sc"], self.data.cond_cs).float(), d["xc_t"], d["sc"])
             i_sc = to_x0(pt, self.model.net_forward(d["xs_t"], d["ss"], self.data.cond_cs).float(), d["xs_t"], d["ss"])
-        cs_t, sc_t = add_noise(i_cs, d["nc"], d["sc"]), add_noise(i_sc, d["ns"], d["ss"])
+        cs_t, sc_t = add_noise(pt, i_cs, d["nc"], d["sc"]), add_noise(pt, i_sc, d["ns"], d["ss"])
         i_csc = to_x0(pt, self.model.net_forward(cs_t, d["sc"], self.data.cond_c).float(), cs_t, d["sc"])
         i_scs = to_x0(pt, self.model.net_forward(sc_t, d["ss"], self.data.cond_s).float(), sc_t, d["ss"])
         return F.mse_loss(i_csc, d["i_cc"]) + F.mse_loss(i_scs, d["i_ss"])

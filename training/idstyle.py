@@ -106,9 +106,10 @@ class X0LoraTrainer(LoraTrainer):
 
     def predict(self, x0: torch.Tensor, cond: Cond, noise: torch.Tensor, sigma: torch.Tensor):
         """(raw network output, its x0 estimate)."""
-        x_t = add_noise(x0, noise, sigma)
+        pt = self.model.prediction_type
+        x_t = add_noise(pt, x0, noise, sigma)
         out = self.model.net_forward(x_t, sigma, cond).float()
-        return out, to_x0(self.model.prediction_type, out, x_t.float(), sigma)
+        return out, to_x0(pt, out, x_t.float(), sigma)
 
     def base_loss(self, out, x0_hat, x0, noise, sigma) -> torch.Tensor:
         if self.uses_x0():

@@ -26,7 +26,7 @@ from torch import nn
 from ..models.lora import LoraConfigError
 from ..models.meta_lora import MetaLoraNetwork, check_ranks
 from .diffusion import Cond, DiffusionModel, lora_key_map, lora_stems
-from .fileio import atomic_path
+from .fileio import atomic_path, read_safetensors
 from .lora_format import LoraBundle, LoraWeight
 from .lora_trainer import BASE_MODEL_VERSIONS, LoraTrainConfig, LoraTrainer, TrainingInputError
 
@@ -150,17 +150,12 @@ def save_meta_down(path: str | Path, network: MetaLoraNetwork, metadata: dict[st
 
 def load_meta_down(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """({module name: meta-down weight}, metadata) of a Meta-Down file."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Meta-Down file {path} does not exist: train one with IDLoRA Meta-LoRA Stage 1, or "
                                 f"put it in models/idlora/meta_down/")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            weights = {k[:-len(".meta_down")]: f.get_tensor(k) for k in f.keys() if k.endswith(".meta_down")}
-    except Exception as e:  # noqa: BLE001  a broken file: say which one
-        raise MetaDownError(f"{path} is not a readable safetensors file ({e})") from e
+    tensors, meta = read_safetensors(path, MetaDownError, "", keep=lambda k: k.endswith(".meta_down"))
+    weights = {k[:-len(".meta_down")]: v for k, v in tensors.items()}
     if meta.get("idlora_method") != META_DOWN_METHOD or not weights:
         raise MetaDownError(f"{path} is not a Meta-Down file (method {meta.get('idlora_method')!r}, "
                             f"{len(weights)} meta-down tensors): a plain LoRA cannot be used as a Meta-Down")
@@ -394,8 +389,7 @@ class MetaLoraStage1(LoraTrainer):
         self.network.set_slots(slots)
         self.batch_idx = idx
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        t = torch.randint(*self.t_range, (b,), generator=g)
-        return x0, cond, noise, self.model.sigmas[t].to(x0.device)
+        return x0, cond, noise, self.sample_sigmas(b, tuple(x0.shape[-2:])).to(x0.device)
 
     # -- one step (LoraTrainer.train_step's pieces) -----------------------------------------------------
     def before_step(self) -> None:

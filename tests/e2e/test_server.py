@@ -169,8 +169,9 @@ def test_empty_image_batch_is_a_clear_error(comfy):
     from idlora.nodes.lora_nodes import TrainLoRA
     from idlora.training.lora_trainer import TrainingInputError
     with pytest.raises(TrainingInputError, match="images .*empty.*connect at least one image"):
-        TrainLoRA.execute(None, None, None, torch.zeros(0, 64, 64, 3), "x", 1, 1e-4, 4, 0.0, "attn", 1, 0,
-                          False, "auto")
+        TrainLoRA.execute(model=None, clip=None, vae=None, images=torch.zeros(0, 64, 64, 3), prompt="x", steps=1,
+                          learning_rate=1e-4, rank=4, alpha=0.0, targets="attn", batch_size=1, seed=0,
+                          gradient_checkpointing=False, precision="auto")
 
 
 UI_WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))

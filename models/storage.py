@@ -20,9 +20,14 @@ def is_float8(dtype: torch.dtype) -> bool:
     return dtype in FLOAT8
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (never for the meta device, which torch's query refuses)."""
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a layer computes in for input ``x``: autocast's, when autocast is on, else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -59,6 +59,7 @@ class LoraTrainConfig(TrainingConfig):
     timestep_range: tuple[float, float] = (0.0, 1.0)  # fraction of the schedule that is sampled
     timestep_sampling: str = "auto"      # diffusion.TIMESTEP_SAMPLINGS; auto: uniform (U-Nets), shift (Flux)
     guidance: float | None = None        # Flux-dev's guidance input while training; None: 1.0 (kohya, ai-toolkit)
+    compile: bool = False                # torch.compile the denoiser: faster steps; the first step compiles
 
     def validate(self) -> "LoraTrainConfig":
         need = self.need
@@ -79,6 +80,7 @@ class LoraTrainConfig(TrainingConfig):
         need(self.timestep_sampling in TIMESTEP_SAMPLINGS, "timestep_sampling", f"use one of {TIMESTEP_SAMPLINGS}")
         need(self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0), "guidance",
              "use a number >= 0 (Flux-dev trains at 1.0), or leave it empty")
+        need(isinstance(self.compile, bool), "compile", "use true or false")
         return self
 
 
@@ -139,7 +141,8 @@ def prepare_data(model: DiffusionModel, images: torch.Tensor, prompt: str | list
 
 
 def _keep_a_copy(t: torch.Tensor) -> torch.Tensor:
-    return t if isinstance(t, nn.Parameter) else t.clone()
+    """A copy of a saved activation; a weight, or a view of one (F.linear saves weight.t()), is kept as it is."""
+    return t if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) else t.clone()
 
 
 def _as_is(t: torch.Tensor) -> torch.Tensor:
@@ -367,7 +370,17 @@ class LoraTrainer:
         copies = saved_copies() if inplace else contextlib.nullcontext()
         with torch.inference_mode(False), torch.enable_grad(), self.network.attached(), ckpt, copies:
             self.network.train()
-            yield
+            if not self.cfg.compile:
+                yield
+                return
+            # compiled after the LoRA hooks and checkpoint wrappers are in place, so that dynamo traces them too;
+            # the first step compiles (forward and backward), later steps reuse the kernels until the session ends
+            denoiser = self.model.denoiser
+            denoiser.compile()
+            try:
+                yield
+            finally:
+                denoiser._compiled_call_impl = None  # what nn.Module.compile set: the plain forward is back
 
     def run(self, on_step: StepCallback | None = None) -> LoraBundle:
         t0 = time.perf_counter()

@@ -17,6 +17,11 @@ CONTENT_MODULES = (r"(input_blocks\.\d\.1\.transformer_blocks\.0\.attn[12]\.to_[
                    r"|input_blocks\.0\.0|input_blocks\.1\.1\.proj_in)$")
 STYLE_MODULES = r"(attn2\.to_[kv]|attn1\.to_out\.0|output_blocks\.\d\.0\.out_layers\.3)$"
 OTHER_MODULES = r"(attn1\.to_v|ff\.net\.2)$"
+FLUX_MODULES = {  # the same roles on the tiny Flux DiT (a flow-matching model: ComfyUI's CONST denoised)
+    CONTENT_MODULES: r"double_blocks\.0\.(img_attn\.qkv|img_mlp\.0)$",
+    STYLE_MODULES: r"(single_blocks\.0\.linear[12]|double_blocks\.0\.txt_attn\.proj)$",
+    OTHER_MODULES + "|" + CONTENT_MODULES: r"double_blocks\.0\.(img_attn\.(qkv|proj)|img_mlp\.[02])$",
+}
 S_C, S_S = 0.8, 0.6
 CFG = 5.0
 
@@ -31,7 +36,7 @@ def env(comfy, tmp_path_factory):
 
 def _model(arch: str = "sd15"):
     import comfy_tiny
-    return comfy_tiny.tiny_sd15(seed=0) if arch == "sd15" else comfy_tiny.tiny_sdxl(seed=0)
+    return comfy_tiny.tiny_patcher(arch)
 
 
 def _bundle(patcher, pattern: str, seed: int, rank: int = 3, alpha: float | None = 2.0):
@@ -39,6 +44,8 @@ def _bundle(patcher, pattern: str, seed: int, rank: int = 3, alpha: float | None
     (2-D) factors, as diffusers LoRAs of proj_in have, so the reshaping path is used too."""
     from idlora.training.lora_format import LoraBundle, LoraWeight
     sd = patcher.model.diffusion_model.state_dict()
+    if "double_blocks.0.img_attn.qkv.weight" in sd:
+        pattern = FLUX_MODULES[pattern]
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for key in sorted(k for k, v in sd.items() if k.endswith(".weight") and v.ndim >= 2):
@@ -62,6 +69,8 @@ def _save(env, name: str, bundle) -> str:
 
 def _cond(seed: int, arch: str = "sd15"):
     g = torch.Generator().manual_seed(seed)
+    if arch == "flux":
+        return [[torch.randn(1, 8, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
     context = torch.randn(1, 77, 64, generator=g)
     return [[context, {"pooled_output": torch.randn(1, 64, generator=g)} if arch == "sdxl" else {}]]
 
@@ -84,15 +93,19 @@ def _cfg_guider(model, positive, negative=None, cfg=CFG):
 
 
 def _first_prediction(guider, sigma: float = 3.0) -> torch.Tensor:
-    """The denoised prediction the sampler gets from the guider for a fixed noisy latent at ``sigma``."""
+    """The denoised prediction the sampler gets from the guider for a fixed noisy latent at ``sigma`` (a flow
+    model's sigma is at most 1: there it is sigma / 4)."""
     import comfy.samplers
     seen = []
 
     def one_call(model, x, sigmas, extra_args=None, callback=None, disable=None):
         seen.append(model(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args))
         return seen[-1]
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-    guider.sample(noise, torch.zeros(1, 4, 8, 8), comfy.samplers.KSAMPLER(one_call), torch.tensor([sigma, 0.0]),
+    base = guider.model_patcher.model
+    shape = (1, base.latent_format.latent_channels, 8, 8)
+    sigma = sigma / 4 if float(base.model_sampling.sigma_max) <= 1 else sigma
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    guider.sample(noise, torch.zeros(shape), comfy.samplers.KSAMPLER(one_call), torch.tensor([sigma, 0.0]),
                   disable_pbar=True, seed=0)
     return seen[0]
 
@@ -166,6 +179,7 @@ CASES = {  # name: (arch, lambda_c, lambda_s, content given, style given, explic
     "style_only_term": ("sd15", 0.0, 1.5, True, True, False),
     "style_lora_only": ("sd15", 0.0, -1.0, False, True, True),
     "sdxl_explicit": ("sdxl", 1.0, 2.5, True, True, True),
+    "flux_explicit": ("flux", 1.5, 2.0, True, True, True),
 }
 
 

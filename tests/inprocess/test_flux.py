@@ -192,3 +192,52 @@ def test_conditioning_input_gives_the_rows_the_denoiser_takes(comfy):
     assert one["context"].shape == (3, 8, 32) and torch.equal(one["y"][2], c["y"][0])
     with pytest.raises(ValueError, match="conditioning has 2 entries but images has 3 images"):
         diffusion.encode_conditioning(conditioning, 3, 64, 64)
+
+
+def test_every_x0_estimate_on_flux_is_comfys_calculate_denoised(comfy):
+    """The identity/x0 trainer's x0 estimate, DuoLoRA's two-pass x0 and the progress preview's x0, on the tiny
+    Flux, equal ComfyUI's own CONST algebra: noise_scaling for x_t, calculate_denoised for x0."""
+    import comfy_tiny
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    from idlora.training.duolora import LoraMerger, MergeConfig, MergeData
+    from idlora.training.idstyle import X0LoraTrainer, X0TrainConfig
+    from idlora.training.lora_trainer import TrainData
+
+    patcher = comfy_tiny.tiny_flux()
+    ms = patcher.model.model_sampling
+    diffusion = ComfyDiffusion(patcher)
+    cond = comfy_tiny.tiny_flux_cond(2, 1)
+    x0, noise, sigma = _draws(3, n=2, shape=(16, 8, 8))
+
+    # identity stylization's trainer (the identity loss decodes this x0)
+    trainer = X0LoraTrainer(diffusion, TrainData(x0.clone(), cond), X0TrainConfig(steps=1, targets="flux_attn"))
+    with torch.no_grad(), trainer.session():
+        out, x0_hat = trainer.predict(x0, cond, noise, sigma)
+        x_t = ms.noise_scaling(sigma, noise, x0)
+        torch.testing.assert_close(x0_hat, ms.calculate_denoised(sigma, out, x_t), rtol=1e-5, atol=1e-5)
+
+        # the preview: the x0 of the first latent at mid noise
+        seen = []
+        diffusion.preview = lambda latents: seen.append(latents) or latents[0, :3].movedim(0, -1)
+        trainer.preview()
+        s = diffusion.sigmas[len(diffusion.sigmas) // 2].reshape(1)
+        g = torch.Generator().manual_seed(trainer.cfg.seed + 1)
+        xt = ms.noise_scaling(s, torch.randn(x0[:1].shape, generator=g), x0[:1])
+        torch.testing.assert_close(seen[0], ms.calculate_denoised(s, diffusion.net_forward(xt, s, {
+            k: v[:1] for k, v in cond.items()}).float(), xt), rtol=1e-5, atol=1e-5)
+
+    # DuoLoRA: denoise, re-noise with the same noise, denoise again (its cycle's reference)
+    shapes = {n: m.weight.shape for n, m in diffusion.denoiser.named_modules() if n in trainer.network.names}
+    g = torch.Generator().manual_seed(9)
+    lora = lambda: {n: (torch.randn(2, s[1], generator=g) * 0.1, torch.randn(s[0], 2, generator=g) * 0.1, 2.0)
+                    for n, s in shapes.items()}  # noqa: E731  (down, up, alpha) per module, as the merge node gives
+    rows = {k: v[:1] for k, v in cond.items()}
+    merger = LoraMerger(diffusion, MergeData(x0[:1], x0[1:], rows, rows, rows),
+                        MergeConfig(method="ziprank", steps=1, targets="flux_attn"), lora(), lora())
+    with torch.no_grad(), merger.session():
+        x_t = ms.noise_scaling(sigma[:1], noise[:1], x0[:1])
+        out = merger._single("c", x_t, sigma[:1], rows)
+        again = ms.noise_scaling(sigma[:1], noise[:1], ms.calculate_denoised(sigma[:1], out, x_t))
+        want = ms.calculate_denoised(sigma[:1], merger._single("c", again, sigma[:1], rows), again)
+        torch.testing.assert_close(merger._two_pass("c", out, x_t, noise[:1], sigma[:1], rows), want,
+                                   rtol=1e-5, atol=1e-5)

@@ -54,16 +54,28 @@ def seeded_tensor(key: str, shape, kind: str, seed: int, dtype=torch.float32) ->
     return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(dtype)
 
 
-def seeded_state_dict(module: torch.nn.Module, seed: int, prefix: str = "") -> dict:
-    """Seeded values for every parameter/buffer of ``module`` (works on meta modules)."""
+def seeded_state_dict(module: torch.nn.Module, seed: int, prefix: str = "", cast: torch.dtype | None = None,
+                      overrides: dict | None = None) -> dict:
+    """Seeded values for every parameter/buffer of ``module`` (works on meta modules), in each tensor's own dtype.
+
+    ``cast``: draw in float32 and store each tensor in this dtype as it is made (the float32 values of a large module
+    never exist all at once). ``overrides``: key -> float32 tensor to store instead of the seeded value (same shape).
+    """
     out = {}
     for mod_name, mod in module.named_modules():
         for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if t is None:
                 continue
             key = prefix + (mod_name + "." if mod_name else "") + name
-            dtype = t.dtype if t.dtype.is_floating_point else torch.float32
-            out[key] = seeded_tensor(key, t.shape, _init_kind(mod, key, name, t), seed, dtype=dtype)
+            if overrides and key in overrides:
+                if tuple(overrides[key].shape) != tuple(t.shape):
+                    raise ValueError("override {} has shape {}, the module wants {}".format(
+                        key, tuple(overrides[key].shape), tuple(t.shape)))
+                out[key] = overrides[key].to(cast or t.dtype)
+                continue
+            dtype = torch.float32 if cast is not None or not t.dtype.is_floating_point else t.dtype
+            value = seeded_tensor(key, t.shape, _init_kind(mod, key, name, t), seed, dtype=dtype)
+            out[key] = value if cast is None else value.to(cast)
     return out
 
 

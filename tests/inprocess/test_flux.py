@@ -158,21 +158,25 @@ def test_fp8_base_step_matches_bf16_base_step(comfy):
 
 def test_checkpointed_gradients_equal_plain_gradients_on_inplace_blocks(comfy):
     """ComfyUI's Flux blocks add to their residual streams in place; torch's non-reentrant checkpoint would then
-    recompute from changed tensors. The LoRA gradients with checkpointing equal those without."""
+    recompute from changed tensors. The LoRA gradients with checkpointing, and with block streaming, equal those
+    without."""
     import comfy_tiny
 
     grads = {}
-    for ckpt in (False, True):
-        trainer = _trainer(comfy_tiny.tiny_flux(), steps=1, gradient_checkpointing=ckpt)
+    for ckpt, stream in ((False, False), (True, False), (True, True)):
+        trainer = _trainer(comfy_tiny.tiny_flux(), steps=1, gradient_checkpointing=ckpt, stream_blocks=stream)
         with torch.no_grad():  # a LoRA that is not zero, so that every layer's gradient is
             for p in trainer.network.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         with trainer.session():
             x0, cond, noise, sigma = trainer.sample_batch()
             trainer.loss(x0, cond, noise, sigma).backward()
-        grads[ckpt] = torch.cat([p.grad.flatten() for p in trainer.network.parameters()])
-    assert grads[False].abs().max() > 0
-    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)
+        grads[ckpt, stream] = torch.cat([p.grad.flatten() for p in trainer.network.parameters()])
+        if stream:  # the double and the single block, each fetched for its forward; the last still there after
+            assert trainer.stream.fetches == 2 and trainer.stream.most_resident == 2
+    assert grads[False, False].abs().max() > 0
+    torch.testing.assert_close(grads[True, False], grads[False, False], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[True, True], grads[False, False], rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_training_matches_eager_on_comfys_flux(comfy):

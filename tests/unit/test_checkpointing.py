@@ -2,6 +2,7 @@
 laid out like ComfyUI's: ModuleLists of nn.Sequential blocks whose layers the model walks itself, residual conv
 blocks and transformer blocks made of nested Sequentials and submodules, single-conv down/up samplers."""
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -223,3 +224,51 @@ def test_inplace_variant_wraps_the_same_blocks(inplace):
     with checkpointed_blocks(model, inplace=inplace):
         wrapped = [m for m in model.modules() if "forward" in vars(m)]
     assert len(wrapped) == 8 and all(isinstance(m, (Res, Transformer)) for m in wrapped)
+
+
+def _resident(stream) -> int:
+    """Blocks whose weights are, right now, a device copy and not their CPU master."""
+    return sum(any(t.data_ptr() != stream.master[id(t)].data_ptr() for t in ts) for ts in stream.tensors.values())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_streamed_blocks_give_the_same_gradients_and_stay_at_most_two_on_the_device(inplace):
+    """BlockStream on the CPU (it copies even there, so residency can be seen): the LoRA and input gradients equal
+    the unstreamed checkpointed ones, no more than two blocks are ever resident, every block is fetched twice per
+    step (forward, recompute) but the two still resident when backward starts, and on exit every weight is its old value again."""
+    from idlora.training.lora_trainer import BlockStream, checkpointed_block_list
+
+    model, net = _model_and_lora()
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    runs = {}
+    for streamed in (False, True):
+        x, t = _inputs()
+        x.requires_grad_(True)
+        net.zero_grad(set_to_none=True)
+        blocks = checkpointed_block_list(model)
+        stream = BlockStream(blocks, "cpu") if streamed else None
+        seen: list[int] = []
+        hooks = [m.register_forward_pre_hook(lambda *_: seen.append(_resident(stream)))
+                 for b in blocks for m in b.modules()] if streamed else []
+        with torch.enable_grad(), net.attached(), checkpointed_blocks(model, inplace, stream) as n, \
+                stream or contextlib.nullcontext():
+            model(x, t).square().mean().backward()
+        for h in hooks:
+            h.remove()
+        runs[streamed] = torch.cat([*(p.grad.flatten() for p in net.parameters()), x.grad.flatten()])
+        if streamed:
+            assert n == len(blocks) >= 4
+            assert stream.fetches == 2 * len(blocks) - 2  # the last two of the forward are still there for backward
+            assert stream.most_resident == 2 and max(seen) == 2
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-7)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_stream_blocks_needs_checkpointing_and_refuses_compile():
+    from idlora.training.lora_trainer import LoraTrainConfig, TrainingInputError
+
+    with pytest.raises(TrainingInputError, match="stream_blocks.*gradient_checkpointing on"):
+        LoraTrainConfig(stream_blocks=True).validate()
+    with pytest.raises(TrainingInputError, match="stream_blocks.*compile off"):
+        LoraTrainConfig(stream_blocks=True, gradient_checkpointing=True, compile=True).validate()

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from idlora.models.lora import select_targets
-from idlora.training.memory_model import denoiser_blocks, step_memory
+from idlora.training.lora_trainer import checkpointed_block_list
+from idlora.training.memory_model import step_memory
 
 N, D, H, R = 32, 64, 256, 4  # tokens, width, MLP width, LoRA rank
 F32 = 4
@@ -75,7 +76,7 @@ def test_checkpointing_keeps_block_inputs_and_recomputes_one_block():
     input) and fc2's LoRA output; with it, the blocks keep only their inputs, and backward holds one block's own."""
     n = 3
     model = _meta(MLPStack, n)
-    assert denoiser_blocks(model) == list(model.blocks)
+    assert checkpointed_block_list(model) == list(model.blocks)
     targets = select_targets(model, r"fc[12]$")
     plain = step_memory(model, targets, R, _mse(model))
     ckpt = step_memory(model, targets, R, _mse(model), checkpointing=True)
@@ -86,6 +87,10 @@ def test_checkpointing_keeps_block_inputs_and_recomputes_one_block():
     assert ckpt.recompute == own
     assert ckpt.saved + ckpt.recompute <= ckpt.activation_peak < plain.activation_peak
     assert ckpt.peak < plain.peak
+    # block streaming: the blocks' weights leave the device but for two of them
+    block = sum(p.nbytes for p in model.blocks[0].parameters())
+    assert (ckpt.streamed, ckpt.streamed_resident) == (n * block, 2 * block)
+    assert ckpt.peak_streamed == ckpt.peak - (n - 2) * block
 
 
 class CastCopy(nn.Linear):

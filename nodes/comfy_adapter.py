@@ -24,6 +24,7 @@ import folder_paths
 from ..models.storage import is_float8, store_linear_weights
 from ..models.taesd import TAESD_EXTENSIONS, TAESD_FILES, load_taesd_decoder
 from ..training.diffusion import FLOW, Cond
+from ..training.lora_trainer import checkpointed_block_list
 from ..training.lora_format import LoraBundle, LoraFormatError, MatchReport, resolve
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,12 @@ class ComfyDiffusion:
     because autograd cannot save inference tensors for the backward pass.
     """
 
-    def __init__(self, model, clip=None, vae=None, load: str = "shared"):
+    def __init__(self, model, clip=None, vae=None, load: str = "shared", stream_blocks: bool = False):
         """``load``: "shared" puts the model on the device through ComfyUI's model management (for training
         inside a prompt); "private" patches it onto the device outside ComfyUI's list of loaded models, so
-        that nothing can evict it (background jobs, which own a model of their own); "none" only encodes."""
+        that nothing can evict it (background jobs, which own a model of their own); "none" only encodes.
+        ``stream_blocks`` (with "private"): the blocks that training streams (``LoraTrainConfig.stream_blocks``)
+        stay in CPU memory; only the rest of the model goes to the device, so no full copy of it is ever there."""
         self.patcher = model.clone()
         self.clip, self.vae = clip, vae
         base = self.patcher.model
@@ -70,7 +73,14 @@ class ComfyDiffusion:
         if load == "shared":
             comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         elif load == "private":
-            self.patcher.patch_model(device_to=self.patcher.load_device)
+            self.patcher.patch_model(device_to=self.patcher.offload_device if stream_blocks
+                                     else self.patcher.load_device)
+            if stream_blocks:
+                streamed = {id(t) for b in checkpointed_block_list(base.diffusion_model)
+                            for t in (*b.parameters(), *b.buffers())}
+                for t in (*base.diffusion_model.parameters(), *base.diffusion_model.buffers()):
+                    if id(t) not in streamed:
+                        t.data = t.data.to(self.patcher.load_device)
             _plain_torch_layers(base.diffusion_model)
             if base.manual_cast_dtype is not None:
                 _to_compute_dtype(base.diffusion_model, base.manual_cast_dtype)

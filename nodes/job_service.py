@@ -7,7 +7,9 @@ re-patch the job's weights in the middle of a step, and ComfyUI, which reads fre
 device memory from the driver, plans its own loads around the memory the job holds
 (on a small GPU it falls back to partial loading instead of running out of memory).
 The lease ends with the job: its model is dropped and the cache emptied. The cost
-is one more copy of the U-Net in device memory while a job runs.
+is one more copy of the U-Net in device memory while a job runs; a LoRA job with
+stream_blocks keeps its blocks in CPU memory instead and copies two at a time to the
+device (training.lora_trainer.BlockStream), so it adds a fraction of a model there.
 """
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ def send_event(name: str, payload: dict) -> None:
         PromptServer.instance.send_sync(name, payload)
 
 
-def load_private_model(source: dict) -> ComfyDiffusion:
-    return ComfyDiffusion(model_source.rebuild(source), load="private")
+def load_private_model(source: dict, stream_blocks: bool = False) -> ComfyDiffusion:
+    """The job's own model, rebuilt from its recorded nodes; ``stream_blocks``: its blocks stay in CPU memory."""
+    return ComfyDiffusion(model_source.rebuild(source), load="private", stream_blocks=stream_blocks)
 
 
 def load_identity_resources(sources: dict) -> Resources:

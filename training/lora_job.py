@@ -42,7 +42,9 @@ class LoraJobTask:
         save_data(self.data, job_dir)
 
     def run(self, ctx) -> dict:
-        model = self.model_loader(self.config["model_source"])
+        # a streamed model's blocks never go to the device whole: the loader keeps them in CPU memory
+        extra = {"stream_blocks": True} if self.cfg.stream_blocks else {}
+        model = self.model_loader(self.config["model_source"], **extra)
         data = self.data if self.data is not None else load_data(ctx.dir)
         data = TrainData(data.latents.to(model.device), {k: v.to(model.device) for k, v in data.cond.items()},
                          data.prompts)

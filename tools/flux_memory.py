@@ -120,23 +120,29 @@ def table(rank: int, gpu_gib: float, reserve_gib: float) -> str:
                     m = predict(FLUX_DEV, px, T5_TOKENS, targets, storage, torch.bfloat16, ckpt, rank)
                     n_params = m.base_params
                     fits = m.peak / GiB + reserve_gib <= gpu_gib
+                    # block streaming needs checkpointing
+                    streamed = (f"{m.peak_streamed / GiB:.2f} | "
+                                f"{'yes' if m.peak_streamed / GiB + reserve_gib <= gpu_gib else 'no'}") if ckpt \
+                        else "- | -"
                     rows.append(f"| {px} | {'fp8' if storage == fp8 else 'bf16'} | {targets} | "
                                 f"{'on' if ckpt else 'off'} | {m.weights / GiB:.2f} | {m.lora_state / GiB:.2f} | "
                                 f"{m.saved / GiB:.2f} | {m.recompute / GiB:.2f} | {m.activation_peak / GiB:.2f} | "
-                                f"{m.peak / GiB:.2f} | {'yes' if fits else 'no'} |")
+                                f"{m.peak / GiB:.2f} | {'yes' if fits else 'no'} | {streamed} |")
     head = [f"Flux-dev (ComfyUI's Flux class, meta device): {n_params / 1e9:.2f} B parameters; LoRA rank {rank}; "
             f"T5 context {T5_TOKENS} tokens, batch 1; compute bf16. GiB = 2**30 bytes.",
             "",
             "| px | base | LoRA on | ckpt | weights | LoRA+grads+Adam | saved acts | recompute | act. peak | "
-            f"predicted peak | fits {gpu_gib:g} GiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"predicted peak | fits {gpu_gib:g} GiB | peak, streamed | fits, streamed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     foot = ["",
             "saved acts: held for backward when the forward ends (with checkpointing: the blocks' inputs); recompute: "
             "the largest block's saved tensors while backward runs it again; act. peak: the most bytes the forward + "
             "backward had alive at once (saved + recompute + transients), all counted op by op on the meta device. "
             "predicted peak = weights + LoRA+grads+Adam + act. peak (the AdamW step's temporaries are smaller). "
             f"fits: predicted peak + {reserve_gib:g} GiB (CUDA context, allocator fragmentation, kernel "
-            f"workspaces: estimated, not counted) <= {gpu_gib:g} GiB."]
+            f"workspaces: estimated, not counted) <= {gpu_gib:g} GiB. streamed: with stream_blocks (checkpointing "
+            "on), the blocks' weights stay in CPU memory and at most the two largest are on the device: peak - the "
+            "blocks' weights + those two blocks' weights; the host-to-device copies cost time, not counted here."]
     return "\n".join(head + rows + foot)
 
 

@@ -109,7 +109,9 @@ DIFFUSERS_FLUX = dict(patch_size=1, in_channels=FLUX_CHANNELS * 4, num_layers=FL
 PEFT_FLUX_ATTN = (r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
                   r"|single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)")
 
-# (trainer, targets, gradient checkpointing, torch.compile, what the row is)
+# (trainer, targets, gradient checkpointing, torch.compile, what the row is); checkpointing STREAM: on, with the
+# blocks' weights streamed to the device (LoraTrainConfig.stream_blocks; on the CPU a copy in the same memory)
+STREAM = "stream"
 RUNS = [
     ("idlora", "all_linear_conv", False, False, "LoraTrainer, every Linear + Conv2d"),
     ("idlora", "attn", False, False, "LoraTrainer, attention q/k/v/out"),
@@ -124,6 +126,8 @@ RUNS = [
 FLUX_RUNS = [
     ("idlora", "flux_attn", False, False, "LoraTrainer, flux_attn"),
     ("idlora", "flux_attn", False, True, "LoraTrainer, flux_attn, torch.compile"),
+    ("idlora", "flux_attn", True, False, "LoraTrainer, flux_attn, block checkpointing"),
+    ("idlora", "flux_attn", STREAM, False, "LoraTrainer, flux_attn, block checkpointing + block streaming"),
     ("comfy", "every_layer", True, False, "TrainLoraNode defaults (every layer, checkpointing on)"),
     ("comfy", "every_layer", False, False, "TrainLoraNode, checkpointing off"),
     ("peft", "flux_attn", False, False, "diffusers + peft, flux_attn's layers in diffusers' layout"),
@@ -338,7 +342,8 @@ def run_idlora(spec: dict) -> dict:
         n_steps = spec["warmup"] + spec["steps"] + 1
         cfg = LoraTrainConfig(steps=n_steps, learning_rate=LEARNING_RATE, rank=spec["rank"],
                               targets=spec["targets"], seed=SEED, precision="fp32",
-                              gradient_checkpointing=spec["ckpt"], compile=bool(spec.get("compile")))
+                              gradient_checkpointing=bool(spec["ckpt"]), compile=bool(spec.get("compile")),
+                              stream_blocks=spec["ckpt"] == STREAM)
         trainer = LoraTrainer(model, data, cfg)
         trainable = sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)
         rss_start = _proc_status_mb("VmRSS")
@@ -619,7 +624,7 @@ def spawn(spec: dict, timeout: float, log_dir: Path, verbose: bool, script: Path
     """Run ``script`` (this file by default) as ``--child SPEC --result PATH`` under ALLOC_ENV; its result dict."""
     env = dict(os.environ, **ALLOC_ENV)
     if tag is None:
-        tag = f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{int(spec['ckpt'])}"
+        tag = f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{_ckpt(spec)}"
     if spec.get("compile"):  # a cache of its own: the compile time measured is a first run's, not a cache hit's
         env["TORCHINDUCTOR_CACHE_DIR"] = str(log_dir / f"inductor_{tag}")
     result_path = log_dir / f"{tag}.json"
@@ -672,6 +677,11 @@ def summarize(res: dict, steps_after: int, peak_gflops: float) -> dict:
 TRAINER_NAMES = {"idlora": "IDLoRA", "comfy": "ComfyUI TrainLoraNode", "peft": "diffusers + peft"}
 
 
+def _ckpt(spec: dict) -> str:
+    """The checkpointing column: off, on, or on + block streaming."""
+    return "on + stream" if spec["ckpt"] == STREAM else "on" if spec["ckpt"] else "off"
+
+
 def _key(spec: dict) -> tuple:
     return spec["model"], spec["trainer"], spec["targets"], spec["ckpt"], bool(spec.get("compile"))
 
@@ -686,7 +696,7 @@ def table(rows: list[tuple[dict, dict]]) -> str:
     for spec, r in rows:
         compiled = bool(spec.get("compile"))
         pre = (f"| {spec['model']} | {TRAINER_NAMES[spec['trainer']]} | {spec['targets']} | "
-               f"{'on' if spec['ckpt'] else 'off'} | {'on' if compiled else 'off'} |")
+               f"{_ckpt(spec)} | {'on' if compiled else 'off'} |")
         if not r.get("ok"):
             known = " (expected)" if _expected_failure(spec, r) else ""
             lines.append(pre + f" failed{known}: {r.get('error', 'unknown').replace('|', '/')[:300]} |"
@@ -790,6 +800,14 @@ def ratios(rows: list[tuple[dict, dict]]) -> list[str]:
                        f"(recomputes {(a_on['flops'] - a_off['flops']) / 1e9:.1f} GFLOP), TrainLoraNode {theirs:.2f}x "
                        f"({(b_on['flops'] - b_off['flops']) / 1e9:.1f} GFLOP) (goal: at or under TrainLoraNode's: "
                        f"{'met' if ours <= theirs else 'NOT met'})")
+        if model in FLUX_MODELS:
+            plain, ckpt, streamed = (find(model, "idlora", "flux_attn", c) for c in (False, True, STREAM))
+            if plain and ckpt:
+                out.append(f"- {model}: IDLoRA flux_attn with checkpointing / without: {vs(ckpt, plain)}")
+            if ckpt and streamed:
+                out.append(f"- {model}: IDLoRA flux_attn with checkpointing + block streaming / checkpointing alone: "
+                           f"{vs(streamed, ckpt)}" + (" (on the CPU each fetch copies a block within the same "
+                                                      "memory)" if streamed.get("device", "cpu") == "cpu" else ""))
         for trainer, targets in (("idlora", "all_linear_conv"), ("comfy", "every_layer")):
             on, off = find(model, trainer, targets, True), find(model, trainer, targets, False)
             if on and off and abs(on["flops"] - off["flops"]) <= 1e-3 * off["flops"]:
@@ -923,7 +941,7 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_lora_") as logs:
         for i, spec in enumerate(plan, 1):
-            tag = (f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{int(spec['ckpt'])}"
+            tag = (f"{spec['model']}_{spec['trainer']}_{spec['targets']}_ckpt{_ckpt(spec).replace(' + ', '_')}"
                    f"_compile{int(spec['compile'])}")
             r = summarize(spawn(spec, a.timeout, Path(logs), a.verbose, tag=tag), a.steps, peak)
             for _ in range(a.retries):  # another process took CPU time: run it again, keep the cleaner run
@@ -942,7 +960,7 @@ def main(argv=None) -> int:
                       f"GFLOP/step, peak RSS {r['peak_rss_mb']:.0f} MB, CPU/wall {r['cpu_per_wall']:.2f}"
                       if r.get("ok") else f"failed: {r.get('error')}")
             print(f"[{i}/{len(plan)}] {spec['model']} {spec['trainer']} {spec['targets']} "
-                  f"ckpt={'on' if spec['ckpt'] else 'off'} compile={'on' if spec['compile'] else 'off'}: {status} "
+                  f"ckpt={_ckpt(spec)} compile={'on' if spec['compile'] else 'off'}: {status} "
                   f"(run wall {r['wall_s']:.0f} s, load avg {r['load_before']:.2f} -> {r['load_after']:.2f})",
                   flush=True)
     # A peak disturbed by other load reads low, so it is measured again at the end; the higher counts.

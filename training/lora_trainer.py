@@ -397,10 +397,7 @@ class LoraTrainer:
     def __init__(self, model: DiffusionModel, data: TrainData, config: LoraTrainConfig):
         self.cfg = config.validate()
         self.model, self.data = model, data
-        try:
-            targets = select_targets(model.denoiser, self.cfg.targets, self.cfg.exclude)
-        except LoraConfigError as e:
-            raise TrainingInputError(str(e)) from None
+        targets = self.target_modules()
         for p in model.denoiser.parameters():
             p.requires_grad_(False)
         self.network = self.build_network(targets).to(model.device)
@@ -426,6 +423,13 @@ class LoraTrainer:
                 f"guidance = {g:g} is set, but this model ({self.model.name}) has no guidance embedding (Flux-dev "
                 f"has one; SD1.x, SDXL, SD3 and Flux-schnell do not): leave guidance empty (0 in the node)")
         self.model.guidance = float(g)
+
+    def target_modules(self) -> dict[str, nn.Module]:
+        """The layers that get LoRA: ``cfg.targets`` (minus ``cfg.exclude``) on this model."""
+        try:
+            return select_targets(self.model.denoiser, self.cfg.targets, self.cfg.exclude)
+        except LoraConfigError as e:
+            raise TrainingInputError(str(e)) from None
 
     def build_network(self, targets: dict[str, nn.Module]) -> nn.Module:
         """The adapter on the chosen layers (methods with other adapters override it)."""

@@ -283,6 +283,10 @@ class MetaLoraPersonalizer(LoraTrainer):
         self.init_report: dict | None = None
         super().__init__(model, data, config)
 
+    def target_modules(self) -> dict[str, nn.Module]:
+        """The Meta-Down's layers (its file says which), whatever ``cfg.targets`` says."""
+        return self._targets
+
     def build_network(self, targets) -> MetaLoraNetwork:
         r1 = int(self.meta_down_meta["idlora_r1"])
         net = MetaLoraNetwork(self._targets, r1, self.cfg.rank, slots=1, seed=self.cfg.seed)

@@ -1,5 +1,5 @@
-"""Meta-LoRA on ComfyUI's own tiny SD1.5 / SDXL U-Nets: stage 2 collapses exactly, so the stock LoraLoader
-reproduces the three-factor forward (Meta-Down x Mid x Up) of the trainer."""
+"""Meta-LoRA on ComfyUI's own tiny SD1.5 / SDXL U-Nets and tiny Flux-dev: stage 2 collapses exactly, so the stock
+LoraLoader reproduces the three-factor forward (Meta-Down x Mid x Up) of the trainer."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,8 @@ def env(comfy, tmp_path_factory):
     return loras
 
 
-@pytest.mark.parametrize("arch,targets", [("sd15", "attn"), ("sd15", "all_linear_conv"), ("sdxl", "attn")])
+@pytest.mark.parametrize("arch,targets", [("sd15", "attn"), ("sd15", "all_linear_conv"), ("sdxl", "attn"),
+                                          ("flux", "flux_attn")])
 def test_collapsed_lora_through_stock_loader_equals_three_factor_forward(env, arch, targets):
     import comfy_tiny
     import nodes
@@ -29,15 +30,16 @@ def test_collapsed_lora_through_stock_loader_equals_three_factor_forward(env, ar
     patcher = _patcher(arch)
     diffusion = ComfyDiffusion(patcher)
     g = torch.Generator().manual_seed(0)
+    ch = 16 if arch == "flux" else 4  # latent channels
     cond = _cond(arch, patcher, 4, 1)
-    ids = IdentitySet(["a", "b"], torch.randn(4, 4, 8, 8, generator=g), cond, torch.tensor([0, 0, 1, 1]))
+    ids = IdentitySet(["a", "b"], torch.randn(4, ch, 8, 8, generator=g), cond, torch.tensor([0, 0, 1, 1]))
     stage1 = MetaLoraStage1(diffusion, ids, MetaStage1Config(steps=4, r1=8, rank=2, batch_size=2, targets=targets,
                                                              identities_per_bucket=2, bucket_steps=2,
                                                              learning_rate=1e-2))
     stage1.run()
     save_meta_down(env / f"md_{arch}.safetensors", stage1.network, stage1.meta_down_metadata("md"))
     weights, meta = load_meta_down(env / f"md_{arch}.safetensors")
-    crops = CropData([torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 16, generator=g)],
+    crops = CropData([torch.randn(1, ch, 8, 8, generator=g), torch.randn(1, ch, 8, 16, generator=g)],
                      [_cond(arch, patcher, 1, 2), _cond(arch, patcher, 1, 3)])
     stage2 = MetaLoraPersonalizer(diffusion, crops, MetaStage2Config(steps=4, rank=2, learning_rate=5e-2),
                                   weights, meta)
@@ -45,7 +47,8 @@ def test_collapsed_lora_through_stock_loader_equals_three_factor_forward(env, ar
     name = f"meta_{arch}_{targets}.safetensors"
     save_lora(env / name, bundle.weights, bundle.metadata, dtype=torch.float32)
 
-    x, sigma, c = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([1.5]), _cond(arch, patcher, 1, 4)
+    sigma = torch.tensor([0.6 if arch == "flux" else 1.5])  # Flux's sigmas lie in (0, 1]
+    x, c = torch.randn(1, ch, 8, 8, generator=g), _cond(arch, patcher, 1, 4)
     stage2.network.set_slots(torch.tensor([0]))
     with torch.no_grad(), stage2.network.attached():
         three = diffusion.net_forward(x, sigma, c)
@@ -53,6 +56,9 @@ def test_collapsed_lora_through_stock_loader_equals_three_factor_forward(env, ar
         base = diffusion.net_forward(x, sigma, c)
     assert (three - base).abs().max() > 1e-4, "the personalised adapter should change the output"
     (stock_model,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)
-    stock = comfy_tiny.diffusion_forward(stock_model, x, sigma, c["context"], c.get("y"))
+    if arch == "flux":  # the same call the trainer makes (its guidance input included), on the stock-patched model
+        stock = ComfyDiffusion(stock_model).net_forward(x, sigma, c)
+    else:
+        stock = comfy_tiny.diffusion_forward(stock_model, x, sigma, c["context"], c.get("y"))
     diff = (stock.float() - three.float()).abs().max()
     assert diff < 1e-4, f"max abs difference {diff:.3g}"

@@ -29,6 +29,7 @@ the paper's mapping), style-dominant otherwise (64 px: down_blocks.1, up_blocks.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,6 +39,8 @@ from torch import nn
 from ..models.merge import MergeNetwork
 from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, sample_sigmas, to_x0
 from .lora_format import LoraBundle, LoraWeight
+
+log = logging.getLogger(__name__)
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainingInputError
 
 MERGE_METHODS = ("duolora", "ziprank", "ziplora", "naive")
@@ -105,7 +108,9 @@ def classify_layers(denoiser: nn.Module, names: list[str], run_forward, latent_h
     """{name: (content | style | other, (h, w))} from the feature-map size each layer works at.
 
     ``run_forward()`` runs the denoiser once on latents of ``latent_hw``. A layer's size is that of the 4-D input
-    of the closest module containing it (its SpatialTransformer, or the layer itself for a Conv2d)."""
+    of the closest module containing it (its SpatialTransformer, or the layer itself for a Conv2d). The denoiser's
+    own input does not count: a layer with no 4-D container below it works at no feature-map size and is
+    ``other`` (a U-Net's time embedding; every layer of a DiT such as Flux, whose blocks all see the same tokens)."""
     sizes: dict[str, tuple[int, int]] = {}
     handles = []
     for n, m in denoiser.named_modules():
@@ -122,8 +127,8 @@ def classify_layers(denoiser: nn.Module, names: list[str], run_forward, latent_h
     out = {}
     for name in names:
         parts = name.split(".")
-        hw = next((sizes[".".join(parts[:i])] for i in range(len(parts), -1, -1) if ".".join(parts[:i]) in sizes),
-                  None)  # the closest container with a 4-D input, up to the denoiser itself ("")
+        hw = next((sizes[".".join(parts[:i])] for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in sizes),
+                  None)  # the closest container with a 4-D input, below the denoiser itself
         if hw is None:
             out[name] = (OTHER, None)
         else:
@@ -193,8 +198,13 @@ class LoraMerger(LoraTrainer):
         """Content- / style-dominant layers from one forward pass on the first content latent."""
         x = self.data.content[:1]
         sigma = self.model.sigmas[len(self.model.sigmas) // 2].reshape(1).to(x.device)
-        return classify_layers(self.model.denoiser, self.network.names,
-                               lambda: self.model.net_forward(x, sigma, self.data.cond_c), tuple(x.shape[-2:]))
+        kinds = classify_layers(self.model.denoiser, self.network.names,
+                                lambda: self.model.net_forward(x, sigma, self.data.cond_c), tuple(x.shape[-2:]))
+        if kinds and all(k == OTHER for k, _ in kinds.values()):
+            log.warning("DuoLoRA: none of the %d merged layers works at a feature-map size (%s is not a U-Net), so "
+                        "the layer priors do not apply: every rank mask starts at ones and the merge runs on the "
+                        "rank masks and the cycle loss alone", len(kinds), self.model.name)
+        return kinds
 
     def build_network(self, targets) -> MergeNetwork:
         modules = dict(self.model.denoiser.named_modules())

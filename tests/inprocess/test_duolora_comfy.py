@@ -4,7 +4,8 @@
     forward runs on meta tensors, only shapes propagate): which blocks are content- and style-dominant.
 (b) The learnable-number counts of ZipRank and ZipLoRA on SDXL's attention layers (the paper's 0.07M and 1.33M).
 (c) A merge exported with MergeNetwork.export and loaded by the stock LoraLoaderModelOnly gives the masked merge's
-    forward, for ZipRank, ZipLoRA and the naive blend, on the tiny SD1.5 and SDXL models.
+    forward, for ZipRank, ZipLoRA and the naive blend, on the tiny SD1.5, SDXL and Flux-dev models.
+(d) On Flux no layer has a feature-map size: every layer is 'other' (no layer prior).
 """
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ def random_masks(net, method: str, g: torch.Generator) -> dict:
 
 
 @pytest.mark.parametrize("method", ["ziprank", "ziplora", "naive"])
-@pytest.mark.parametrize("arch,targets", [("sd15", "attn"), ("sd15", "all_linear_conv"), ("sdxl", "attn")])
+@pytest.mark.parametrize("arch,targets", [("sd15", "attn"), ("sd15", "all_linear_conv"), ("sdxl", "attn"),
+                                          ("flux", "flux_attn")])
 def test_export_through_stock_lora_loader_equals_masked_forward(env, arch, targets, method):
     import comfy_tiny
     import nodes
@@ -212,7 +214,8 @@ def test_export_through_stock_lora_loader_equals_masked_forward(env, arch, targe
     masks = random_masks(net, method, g)
     net.set_masks(masks)
 
-    x, sigma = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([1.5])
+    flux = arch == "flux"
+    x, sigma = torch.randn(1, 16 if flux else 4, 8, 8, generator=g), torch.tensor([0.6 if flux else 1.5])
     cond = comfy_tiny.tiny_cond(arch, patcher, 1, 4)
     with torch.no_grad():
         base = diffusion.net_forward(x, sigma, cond)
@@ -239,6 +242,25 @@ def test_export_through_stock_lora_loader_equals_masked_forward(env, arch, targe
 
     (stock_model,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, name, 1.0)
     assert set(stock_model.patches) == {f"diffusion_model.{n}.weight" for n in exported}  # every layer mapped
-    stock = comfy_tiny.diffusion_forward(stock_model, x, sigma, cond["context"], cond.get("y"))
+    if flux:  # the trainer's own call (with its guidance input) on the stock-patched model
+        stock = ComfyDiffusion(stock_model).net_forward(x, sigma, cond)
+    else:
+        stock = comfy_tiny.diffusion_forward(stock_model, x, sigma, cond["context"], cond.get("y"))
     diff = (stock.float() - merged.float()).abs().max()
     assert diff < 1e-4, f"max abs difference {diff:.3g}"
+
+
+def test_flux_layers_have_no_feature_map_size_so_no_layer_prior(comfy):
+    """A DiT's blocks all work on the same tokens: no Flux layer is content- or style-dominant by the U-Net rule,
+    every one is 'other' (prior masks all ones), not style-dominant because the latent entering the model is large."""
+    import comfy_tiny
+    from idlora.models.lora import select_targets
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    from idlora.training.duolora import OTHER, classify_layers
+
+    diffusion = ComfyDiffusion(comfy_tiny.tiny_patcher("flux"))
+    names = sorted(select_targets(diffusion.denoiser, "flux_attn"))
+    x, sigma, cond = torch.randn(1, 16, 8, 8), torch.tensor([0.5]), comfy_tiny.tiny_flux_cond(1, 0)
+    kinds = classify_layers(diffusion.denoiser, names, lambda: diffusion.net_forward(x, sigma, cond), (8, 8))
+    assert len(kinds) == len(names) >= 6
+    assert all(kind == (OTHER, None) for kind in kinds.values())

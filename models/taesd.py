@@ -3,8 +3,9 @@
 An identity loss has to turn a predicted latent into pixels with gradients. The full SD VAE decoder does
 that at a cost of ~50 M parameters and large activations; TAESD's decoder does it with ~1.2 M. This module
 rebuilds the decoder network so that its ``state_dict`` has exactly the keys and shapes of the published
-``taesd_decoder.*`` (SD1.x/SD2.x) and ``taesdxl_decoder.*`` (SDXL) files, which are also the keys ComfyUI's
-own TAESD decoder uses; those files load into it unchanged.
+``taesd_decoder.*`` (SD1.x/SD2.x), ``taesdxl_decoder.*`` (SDXL), ``taef1_decoder.*`` (Flux.1) and
+``taesd3_decoder.*`` (SD3) files, which are also the keys ComfyUI's own TAESD decoder uses; those files load into
+it unchanged (the last two take 16 latent channels).
 
 Network (an ``nn.Sequential``; the state-dict keys are the indices)::
 
@@ -43,17 +44,24 @@ TAESD_EXTENSIONS = (".safetensors", ".pth", ".pt", ".bin")  # in order of prefer
 _SD15_FILES = ("taesd_decoder",)
 _SDXL_FILES = ("taesdxl_decoder",)
 
-# model family (nodes.comfy_adapter.model_family: ComfyUI's model config class, lower case) -> accepted file stems.
-# Every family listed here shares the SD1.x or the SDXL VAE latent space.
+_FLUX_FILES = ("taef1_decoder",)   # 16 latent channels
+_SD3_FILES = ("taesd3_decoder",)   # 16 latent channels
+
+# model family (nodes.comfy_adapter.model_family: ComfyUI's model config class, lower case) -> accepted file stems
+# (ComfyUI's latent formats name the same files: taesd_decoder_name). Every family listed shares the SD1.x, the SDXL,
+# the Flux.1 or the SD3 VAE latent space.
 TAESD_FILES: dict[str, tuple[str, ...]] = {
     "sd15": _SD15_FILES, "sd20": _SD15_FILES, "sd21unclipl": _SD15_FILES, "sd21uncliph": _SD15_FILES,
     "sd15_instructpix2pix": _SD15_FILES,
     "sdxl": _SDXL_FILES, "sdxlrefiner": _SDXL_FILES, "ssd1b": _SDXL_FILES, "segmind_vega": _SDXL_FILES,
     "koala_700m": _SDXL_FILES, "koala_1b": _SDXL_FILES, "sdxl_instructpix2pix": _SDXL_FILES,
+    "flux": _FLUX_FILES, "fluxschnell": _FLUX_FILES, "fluxinpaint": _FLUX_FILES,
+    "sd3": _SD3_FILES,
 }
 
-TAESD_HINT = ("put taesd_decoder.safetensors (SD1.x) / taesdxl_decoder.safetensors (SDXL), from "
-              "madebyollin's TAESD releases, into ComfyUI/models/vae_approx")
+TAESD_HINT = ("put taesd_decoder.safetensors (SD1.x) / taesdxl_decoder.safetensors (SDXL) / taef1_decoder.safetensors "
+              "(Flux.1) / taesd3_decoder.safetensors (SD3), from madebyollin's TAESD releases, into "
+              "ComfyUI/models/vae_approx")
 
 _WIDTH = 64
 

@@ -174,6 +174,37 @@ def test_taesd_decoder_equals_comfyui_taesd(vae_approx, arch):
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
 
+def test_taef1_decoder_equals_comfyui_taesd_on_flux(comfy, tmp_path):
+    """Flux.1's TAEF1 (16 latent channels): ComfyDiffusion of a Flux model finds taef1_decoder in vae_approx, and
+    decodes model-space latents as ComfyUI's TAESD does (its vae_scale / vae_shift map LATENT space to model space,
+    which is where IDLoRA's x0 already is)."""
+    import comfy.taesd.taesd
+    import comfy_tiny
+    import folder_paths
+    from seeded import fill_seeded_
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+
+    ref_net = comfy.taesd.taesd.TAESD(latent_channels=16).eval()
+    with torch.no_grad():
+        fill_seeded_(ref_net.taesd_decoder, 13)
+    save_file({k: v.detach().clone() for k, v in ref_net.taesd_decoder.state_dict().items()},
+              str(tmp_path / "taef1_decoder.safetensors"))
+    folder_paths.add_model_folder_path("vae_approx", str(tmp_path))
+    try:
+        dec = ComfyDiffusion(comfy_tiny.tiny_patcher("flux")).decoder("taesd")
+    finally:
+        folder_paths.folder_names_and_paths["vae_approx"][0].remove(str(tmp_path))
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = x.clone().requires_grad_(True)
+    out = dec(y)
+    with torch.no_grad():
+        ref = (ref_net.decode(x) + 1) / 2
+    assert out.shape == (1, 3, 64, 64) and ref.std() > 1e-3
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
+    out.mean().backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
 def test_missing_taesd_file_names_folder_and_file(comfy):
     from idlora.nodes.comfy_adapter import ComfyDiffusion
     with pytest.raises(FileNotFoundError) as e:

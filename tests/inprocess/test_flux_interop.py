@@ -281,3 +281,46 @@ def test_diffusers_reads_a_flux_dev_width_lora_of_the_pack(comfy, tmp_path, diff
     _load_and_check(transformer, state_dict, alphas, modules, hidden,
                     dense=["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"])
     assert not diffusers_warnings, [r.getMessage()[:300] for r in diffusers_warnings]
+
+
+def test_flux_lora_round_trips_exactly_through_difflora_flat_layout(comfy, tmp_path):
+    """DiffLoRA's flat layout (training/lora_vector.py) on a Flux LoRA trained on the tiny Flux-dev: flatten +
+    unflatten gives the same tensors bit for bit, the layout survives JSON, and the file saved from the unflattened
+    LoRA patches every module in the stock LoraLoader exactly as the original's does."""
+    import comfy.lora
+    import comfy.utils
+    import comfy_tiny
+    import folder_paths
+    import nodes
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    from idlora.training.lora_format import save_lora
+    from idlora.training.lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
+    from idlora.training.lora_vector import LoraLayout
+
+    patcher = comfy_tiny.tiny_patcher("flux")
+    data = TrainData(torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
+                     comfy_tiny.tiny_flux_cond(1, 0))
+    bundle = LoraTrainer(ComfyDiffusion(patcher), data, LoraTrainConfig(steps=2, learning_rate=1e-2, rank=4,
+                                                                        targets="flux_all_linear")).run()
+    layout = LoraLayout.of(bundle.weights)
+    vector = layout.flatten(bundle.weights)
+    assert vector.ndim == 1 and vector.numel() == layout.length
+    back = LoraLayout.from_json(layout.to_json()).unflatten(vector)
+    assert set(back) == set(bundle.weights)
+    for n, w in bundle.weights.items():
+        assert torch.equal(back[n].down, w.down) and torch.equal(back[n].up, w.up) and back[n].alpha == w.alpha
+
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    try:
+        save_lora(tmp_path / "orig.safetensors", bundle.weights, bundle.metadata, dtype=torch.float32)
+        save_lora(tmp_path / "back.safetensors", back, bundle.metadata, dtype=torch.float32)
+        (a,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, "orig.safetensors", 1.0)
+        (b,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, "back.safetensors", 1.0)
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+    assert len(a.patches) == len(bundle.weights) and set(a.patches) == set(b.patches)
+    for key in a.patches:
+        base = comfy.utils.get_attr(patcher.model, key)
+        wa = comfy.lora.calculate_weight(a.patches[key], base.clone().float(), key)
+        wb = comfy.lora.calculate_weight(b.patches[key], base.clone().float(), key)
+        assert torch.equal(wa, wb) and not torch.equal(wa, base.float()), key

@@ -58,6 +58,9 @@ BLOCK_PRESETS: dict[str, tuple[str, str, str]] = {
     "sdxl_blora": (_attn_in("output_blocks.0.1"), _attn_in("output_blocks.1.1"),
                    "SDXL: the B-LoRA / ConsisLoRA blocks, content on up_blocks.0.attentions.0, style on "
                    "up_blocks.0.attentions.1"),
+    "flux_attn": ("flux_attn", "flux_attn",
+                  "Flux: both LoRAs on the double blocks' attention and the single blocks' linear1/linear2 (our "
+                  "papers have no B-LoRA-like block finding for Flux, so no split: a default, not a result)"),
 }
 
 

@@ -46,3 +46,21 @@ def test_sdxl_blora_blocks_are_the_deep_ten_layer_transformers(unets):
     from idlora.training.idstyle import BLOCK_PRESETS
     content = _targets(unets["sdxl"], BLOCK_PRESETS["sdxl_blora"][0])
     assert len(content) == 10 * 2 * 4  # 10 transformer blocks x (attn1, attn2) x (q, k, v, out)
+
+
+def test_flux_block_preset_fits_flux_and_is_refused_on_a_unet(comfy):
+    """The 'flux_attn' blocks give both LoRAs the double blocks' attention and the single blocks' linear1/linear2 of
+    the tiny Flux-dev; on an SD1.5 U-Net they are refused with the presets that fit, and 'attn' is refused on Flux."""
+    import comfy_tiny
+    from idlora.models.lora import LoraConfigError, select_targets
+    from idlora.training.idstyle import BLOCK_PRESETS
+
+    content, style, doc = BLOCK_PRESETS["flux_attn"]
+    flux = comfy_tiny.tiny_patcher("flux").model.diffusion_model
+    c = set(select_targets(flux, content))
+    assert c == set(select_targets(flux, style))
+    assert {n.split(".")[0] for n in c} == {"double_blocks", "single_blocks"} and "not a result" in doc
+    with pytest.raises(LoraConfigError, match="flux_attn.*Flux.*U-Net|U-Net.*flux_attn"):
+        select_targets(comfy_tiny.tiny_patcher("sd15").model.diffusion_model, content)
+    with pytest.raises(LoraConfigError, match="'attn'.*flux_attn"):
+        select_targets(flux, BLOCK_PRESETS["attn"][0])

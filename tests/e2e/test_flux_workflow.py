@@ -55,3 +55,24 @@ def test_flux_background_workflow_runs_as_a_job(srv):
     code, listing = srv.get("/idlora/jobs")
     job = next(j for j in listing["jobs"] if j["name"] == "idlora_flux_background_example")
     assert job["state"] == "succeeded" and job["step"] == job["total"] == 6
+
+
+def test_flux_meta_lora_workflow_runs_end_to_end(srv):
+    """The Meta-LoRA paper's setting on the tiny Flux-dev: stage 1 on the bundled identities as a job, stage 2 on one
+    photo, the collapsed rank-1 LoRA with kohya Flux keys through the stock LoraLoaderModelOnly, an image, FaceSim."""
+    from idlora.training.lora_format import load_lora
+    from idlora.training.meta_lora import load_meta_down
+
+    hist, _ = srv.run(_workflow("idlora_flux_meta_lora"), timeout=600)
+    _check_run(srv, hist, "16")
+    out = hist["outputs"]
+    job = srv.get(f"/idlora/jobs/{out['2']['idlora_job'][0]}")[1]
+    assert job["kind"] == "meta_lora_stage1" and job["state"] == "succeeded" and job["step"] == 8
+    weights, meta = load_meta_down(srv.base / "models" / "idlora" / "meta_down" /
+                                   "idlora_flux_meta_down_example.safetensors")
+    assert meta["idlora_base_model"] == "flux" and meta["idlora_targets"] == "flux_attn" and len(weights) == 6
+    path = srv.base / "models" / "loras" / "idlora" / "idlora_flux_meta_lora_example.safetensors"
+    _check_flux_file(path)
+    lora = load_lora(path)
+    assert {w.down.shape[0] for w in lora.weights.values()} == {1} and lora.metadata["idlora_method"] == "meta_lora"
+    assert "FaceSim" in out["18"]["text"][0]

@@ -82,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "identities (single process or under torchrun).")
     p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint (.safetensors / .ckpt) "
                                                        "with U-Net, CLIP and VAE")
+    p.add_argument("--clip", nargs="+", default=None, metavar="FILE",
+                   help="text encoder file(s) instead of the checkpoint's (Flux: t5xxl and clip_l, with --clip-type "
+                        "flux)")
+    p.add_argument("--clip-type", default="stable_diffusion",
+                   help="ComfyUI CLIP type of --clip: stable_diffusion (one CLIP-L), flux, sd3, ...")
     p.add_argument("--data", required=True, help="folder with one subfolder of images per identity")
     p.add_argument("--out", required=True, help="output folder (checkpoints, meta_down.safetensors, sync.tsv)")
     p.add_argument("--name", default="", help="name recorded in the Meta-Down file (default: the --out folder's name)")
@@ -185,14 +190,28 @@ def import_adapter():
     return ComfyDiffusion
 
 
-def load_diffusion(checkpoint: str, who: str):
+def load_diffusion(checkpoint: str, who: str, clip_files: list[str] | None = None,
+                   clip_type: str = "stable_diffusion"):
     """The checkpoint as a ComfyDiffusion, loaded with ComfyUI in-process (after ``setup_comfy``); InputError when it
-    lacks a U-Net, CLIP or VAE (``who`` needs a full checkpoint)."""
+    lacks a U-Net, CLIP or VAE (``who`` needs them). ``clip_files``: text encoder files that replace the checkpoint's
+    (ComfyUI's CLIPLoader / DualCLIPLoader with ``clip_type``; e.g. Flux's t5xxl + clip_l with type flux)."""
     import comfy.sd
+    import folder_paths
     ComfyDiffusion = import_adapter()
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
+    if clip_files:
+        kind = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
+        if kind is None:
+            raise InputError(f"--clip-type {clip_type!r} is not a ComfyUI CLIP type: use e.g. stable_diffusion "
+                             f"(one CLIP-L file), flux (t5xxl + clip_l) or sd3")
+        missing = [f for f in clip_files if not Path(f).is_file()]
+        if missing:
+            raise InputError(f"--clip file {missing[0]} does not exist")
+        clip = comfy.sd.load_clip(ckpt_paths=list(clip_files), clip_type=kind,
+                                  embedding_directory=folder_paths.get_folder_paths("embeddings"))
     if model is None or clip is None or vae is None:
-        raise InputError(f"--checkpoint {checkpoint} lacks a U-Net, CLIP or VAE: {who} needs a full checkpoint")
+        raise InputError(f"--checkpoint {checkpoint} lacks a U-Net, CLIP or VAE: {who} needs them (a checkpoint "
+                         f"without text encoders, such as Flux's, takes them from --clip)")
     return ComfyDiffusion(model, clip, vae, load="private")
 
 
@@ -350,7 +369,7 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="idlora_stage1_comfy_") as base_dir:
         setup_comfy(a.comfy, base_dir, device.type == "cuda")
-        diffusion = load_diffusion(a.checkpoint, "stage 1")
+        diffusion = load_diffusion(a.checkpoint, "stage 1", a.clip, a.clip_type)
         log.info("loaded %s (%s, %s prediction) in %.1f s", a.checkpoint, diffusion.name, diffusion.prediction_type,
                  time.perf_counter() - t0)
 

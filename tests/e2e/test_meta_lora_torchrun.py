@@ -157,3 +157,25 @@ def test_bad_input_exits_with_a_clear_message(data, full_run, tmp_path):
         in proc.stdout, proc.stdout[-3000:]
     proc = run([sys.executable, *args(data, full_run)], "fresh run over checkpoints")
     assert proc.returncode == 2 and "pass --resume to continue it" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_two_processes_keep_one_meta_down_on_the_tiny_flux(data, tmp_path):
+    """The Meta-LoRA paper's model family: stage 1 under torchrun on the tiny Flux-dev (its text encoder from --clip,
+    as a Flux checkpoint has none), flux_attn targets; both processes hold the same Meta-Down after every step."""
+    flux, clip_l = os.environ.get("IDLORA_TINY_FLUX"), os.environ.get("IDLORA_TINY_CLIP_L")
+    if not (flux and clip_l):
+        pytest.fail("IDLORA_TINY_FLUX / IDLORA_TINY_CLIP_L are not set: run the tests with ./idlora test")
+    out = tmp_path / "flux"
+    cmd = args(data, out)
+    cmd[cmd.index("--checkpoint") + 1] = flux
+    cmd[cmd.index("--steps") + 1] = "4"
+    cmd += ["--clip", clip_l, "--targets", "flux_attn"]
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd],
+               "torchrun 2 x 4 steps, tiny Flux")
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert "Flux" in proc.stdout or "flux" in proc.stdout
+    rows = sync_rows(out)
+    assert [s for s, _ in rows] == [1, 2, 3, 4] and all(d == 0 for _, d in rows), rows
+    weights, meta = load_meta_down(out / "meta_down.safetensors")
+    assert meta["idlora_base_model"] == "flux" and meta["idlora_targets"] == "flux_attn"
+    assert len(weights) == 6 and all(w.shape[0] == R1 for w in weights.values())

@@ -43,7 +43,13 @@ def test_collapsed_lora_through_stock_loader_equals_three_factor_forward(env, ar
                      [_cond(arch, patcher, 1, 2), _cond(arch, patcher, 1, 3)])
     stage2 = MetaLoraPersonalizer(diffusion, crops, MetaStage2Config(steps=4, rank=2, learning_rate=5e-2),
                                   weights, meta)
+    start = {k: v.detach().clone() for k, v in stage2.network.state_dict().items()}
     bundle = stage2.run()
+    # stage 2 changes Mid and Up only: the Meta-Down is the file's, bit for bit
+    for k, v in stage2.network.state_dict().items():
+        assert torch.equal(v, start[k]) == k.startswith("meta_down."), k
+    assert all(torch.equal(stage2.network.meta_down[k], weights[n])
+               for n, k in zip(stage2.network.names, stage2.network.meta_down.keys()))
     name = f"meta_{arch}_{targets}.safetensors"
     save_lora(env / name, bundle.weights, bundle.metadata, dtype=torch.float32)
 

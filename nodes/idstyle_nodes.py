@@ -13,11 +13,12 @@ from comfy_api.latest import io
 from ..models.face_detect import detect_batch, to_rgb_uint8_list
 from ..training import evaluate as ev
 from ..training.identity_loss import DECODERS, IdentityConfig, IdentityLoss
-from ..training.idstyle import BLOCK_PRESETS, IdentityStyleConfig, IdentityStyleData, IdentityStyleTask, X0TrainConfig
+from ..training.idstyle import (BLOCK_PRESETS, IdentityStyleConfig, IdentityStyleData, IdentityStyleTask, X0TrainConfig,
+                                fitting_block_presets)
 from ..training.lora_format import sanitize_save_name
 from ..training.lora_trainer import check_images, prepare_data
 from . import model_source
-from .comfy_adapter import ComfyDiffusion, _crop_to_multiple
+from .comfy_adapter import ComfyDiffusion, _crop_to_multiple, model_family
 from .inputs import JobNode, diffusion_inputs, prompt_inputs, seed_input
 from .job_service import claim_output, load_identity_resources, manager
 from .lora_nodes import LORA_SUBDIR, idlora_lora_dir
@@ -141,6 +142,10 @@ class TrainIdentityStyle(JobNode):
                 identity_weight, identity_every, identity_max_noise, decoder, face_region, style_content_steps,
                 style_steps, style_learning_rate, noise_offset, name, embedder=None,
                 sample_every=25) -> io.NodeOutput:
+        fits = fitting_block_presets(model.model.diffusion_model)  # fail now, not in the job
+        if blocks not in fits:
+            raise ValueError(f"blocks = {blocks!r} selects no layers of this model ({model_family(model)}): use one "
+                             f"of {', '.join(fits)}")
         content_targets, style_targets, _ = BLOCK_PRESETS[blocks]
         cfg = IdentityStyleConfig(
             content=X0TrainConfig(steps=content_steps, learning_rate=learning_rate, rank=rank, seed=seed,

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..models.lora import LoraNetwork
+from ..models.lora import LoraConfigError, LoraNetwork, select_targets
 from .config import TrainingConfig
 from .diffusion import Cond, DiffusionModel, add_noise, lora_key_map, target, to_x0
 from .jobs import load_job_data, save_job_data
@@ -62,6 +62,20 @@ BLOCK_PRESETS: dict[str, tuple[str, str, str]] = {
                   "Flux: both LoRAs on the double blocks' attention and the single blocks' linear1/linear2 (our "
                   "papers have no B-LoRA-like block finding for Flux, so no split: a default, not a result)"),
 }
+
+
+def fitting_block_presets(denoiser: torch.nn.Module) -> list[str]:
+    """The BLOCK_PRESETS whose content and style targets both select layers of this denoiser (a U-Net preset on
+    Flux, or SDXL's blocks on SD1.5, do not)."""
+    fits = []
+    for name, (content, style, _) in BLOCK_PRESETS.items():
+        try:
+            select_targets(denoiser, content)
+            select_targets(denoiser, style)
+        except LoraConfigError:
+            continue
+        fits.append(name)
+    return fits
 
 
 @dataclass

@@ -70,3 +70,22 @@ def test_style_image_with_a_face_is_fine_and_the_job_can_be_cancelled(srv):
     job = srv.get(f"/idlora/jobs/{job_id}")[1]
     assert job["phase"] == "content" and 2 <= job["step"] < 400
     assert not (srv.base / "models" / "loras" / "idlora" / "idstyle_cancel_content.safetensors").exists()
+
+
+def test_a_block_preset_that_does_not_fit_flux_is_refused_before_the_job(srv):
+    """The workflow's blocks 'attn' (U-Net attention) on the tiny Flux-dev: the node refuses at once, naming the
+    blocks, the model family and the preset that fits; no job starts."""
+    wf = {k: v for k, v in workflow().items() if k in ("1", "2", "3", "4", "5", "6")}
+    wf["1"]["inputs"]["ckpt_name"] = "idlora_tiny_flux.safetensors"
+    wf["30"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "idlora_tiny_clip_l.safetensors",
+                                                        "type": "stable_diffusion", "device": "default"}}
+    wf["6"]["inputs"]["clip"] = ["30", 0]
+    assert wf["6"]["inputs"]["blocks"] == "attn"
+    jobs_before = len(srv.get("/idlora/jobs")[1]["jobs"])
+    hist, events = srv.run(wf, timeout=300)
+    errors = [e["data"] for e in events if e["type"] == "execution_error"]
+    assert errors and errors[-1]["node_id"] == "6", errors
+    msg = errors[-1]["exception_message"]
+    assert "blocks = 'attn' selects no layers of this model (flux)" in msg and "flux_attn" in msg, msg
+    assert len(srv.get("/idlora/jobs")[1]["jobs"]) == jobs_before
+    assert srv.alive()

@@ -64,3 +64,13 @@ def test_flux_block_preset_fits_flux_and_is_refused_on_a_unet(comfy):
         select_targets(comfy_tiny.tiny_patcher("sd15").model.diffusion_model, content)
     with pytest.raises(LoraConfigError, match="'attn'.*flux_attn"):
         select_targets(flux, BLOCK_PRESETS["attn"][0])
+
+
+def test_fitting_block_presets_per_family(comfy):
+    """What the Identity Stylization node offers before it starts a job (it refuses the others, naming these)."""
+    import comfy_tiny
+    from idlora.training.idstyle import fitting_block_presets
+
+    assert fitting_block_presets(comfy_tiny.tiny_patcher("flux").model.diffusion_model) == ["flux_attn"]
+    sd15 = fitting_block_presets(comfy_tiny.tiny_patcher("sd15").model.diffusion_model)
+    assert "attn" in sd15 and "flux_attn" not in sd15

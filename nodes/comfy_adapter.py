@@ -21,6 +21,7 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 
+from ..models.lora import LoraConfigError, select_targets
 from ..models.storage import is_float8, store_linear_weights
 from ..models.taesd import TAESD_EXTENSIONS, TAESD_FILES, load_taesd_decoder
 from ..training.diffusion import FLOW, Cond
@@ -45,6 +46,15 @@ class UnsupportedModelError(ValueError):
 def model_family(patcher) -> str:
     """'sd15', 'sdxl', ... from the model config class ComfyUI detected."""
     return type(patcher.model.model_config).__name__.lower()
+
+
+def check_targets_fit(model, targets: str, exclude: str | None = None) -> None:
+    """Fail now (before a background job starts) when ``targets`` selects no layer of the MODEL, or is a preset for
+    another architecture (a U-Net preset on Flux); the message names the value and the presets that fit."""
+    try:
+        select_targets(model.model.diffusion_model, targets, exclude)
+    except LoraConfigError as e:
+        raise ValueError(f"{e} (this model: {model_family(model)})") from None
 
 
 class ComfyDiffusion:

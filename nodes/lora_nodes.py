@@ -18,7 +18,7 @@ from ..training.lora_job import LoraJobTask
 from ..training.lora_trainer import LoraTrainConfig, LoraTrainer, check_images, prepare_data, split_prompts
 from ..training.loss_plot import plot_losses
 from . import model_source
-from .comfy_adapter import ComfyDiffusion, apply_lora
+from .comfy_adapter import ComfyDiffusion, apply_lora, check_targets_fit
 from .inputs import BackgroundNode, diffusion_inputs, seed_input
 from .job_service import claim_output, load_private_model, manager
 from .types import JobHandle, LoraHandle, LoraNameOutput
@@ -177,6 +177,7 @@ class TrainLoRA(BackgroundNode):
                               timestep_sampling=timestep_sampling, guidance=guidance or None,
                               compile=bool(compile), stream_blocks=bool(stream_blocks)).validate()
         split_prompts(prompt, check_images(images).shape[0])  # fail fast, before the model loads
+        check_targets_fit(model, cfg.targets, cfg.exclude)
         if check_mode(mode) == "background":
             return cls.start_job(model, clip, vae, images, prompt, cfg, job_name, sample_every, conditioning)
         with torch.inference_mode(False):

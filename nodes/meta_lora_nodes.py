@@ -22,7 +22,7 @@ from ..training.meta_lora import (CropData, MetaLoraPersonalizer, MetaStage1Conf
 from ..training.meta_lora_data import encode_identity_set, labels_to_identities, load_images, scan_identity_folder
 from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
-from .comfy_adapter import ComfyDiffusion
+from .comfy_adapter import ComfyDiffusion, check_targets_fit
 from .inputs import (BackgroundNode, JobNode, class_word_input, diffusion_inputs, identity_folder_input,
                      seed_input)
 from .job_service import claim_output, load_private_model, manager
@@ -124,6 +124,7 @@ class MetaStage1(JobNode):
         cfg = MetaStage1Config(steps=steps, learning_rate=learning_rate, rank=r2, r1=r1, targets=targets,
                                batch_size=batch_size, identities_per_bucket=identities_per_bucket,
                                bucket_steps=bucket_steps, warmup_fraction=warmup_fraction, seed=seed).validate()
+        check_targets_fit(model, targets)  # before the images are encoded and the job starts
         if images is not None:
             identities = [(n, _resize(x, image_size)) for n, x in labels_to_identities(images, labels)]
         else:

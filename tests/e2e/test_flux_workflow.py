@@ -76,3 +76,20 @@ def test_flux_meta_lora_workflow_runs_end_to_end(srv):
     lora = load_lora(path)
     assert {w.down.shape[0] for w in lora.weights.values()} == {1} and lora.metadata["idlora_method"] == "meta_lora"
     assert "FaceSim" in out["18"]["text"][0]
+
+
+def test_a_unet_preset_on_flux_is_refused_before_the_background_job(srv):
+    """targets 'attn' (U-Net attention) in the background Flux workflow: the node refuses at once, naming the
+    value, Flux and the presets that fit; no job starts."""
+    from server_util import last_error
+
+    wf = _workflow("idlora_flux_lora_background")
+    train = next(k for k, v in wf.items() if v["class_type"] == "IDLoRATrainLoRA")
+    wf[train]["inputs"]["targets"] = "attn"
+    jobs_before = len(srv.get("/idlora/jobs")[1]["jobs"])
+    hist, events = srv.run(wf, timeout=300)
+    err = last_error(events)
+    assert err["node_id"] == train, err
+    msg = err["exception_message"]
+    assert "targets = 'attn' is a preset for U-Net" in msg and "flux_attn" in msg and "(this model: flux)" in msg, msg
+    assert len(srv.get("/idlora/jobs")[1]["jobs"]) == jobs_before and srv.alive()

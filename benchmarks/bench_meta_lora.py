@@ -36,7 +36,7 @@ model through nodes/comfy_adapter.ComfyDiffusion, built with bench_lora's helper
 under bench_lora's allocator settings and torch.set_num_threads(2); median seconds per step after the warm-up and
 the FLOPs of one more step. The step uses the trainers' own noise-prediction loss; the Meta-Down is random.
 
-Part 3, trainable parameters per layer on the full SD1.5 U-Net (ComfyUI's UNetModel on the meta device, no
+Part 3, trainable parameters per layer on the full SD1.5 U-Net (and, part 3b, on full FLUX.1-dev with `flux_attn`) (ComfyUI's UNetModel on the meta device, no
 weights): the trainable parameters of LoraTrainer (rank r2) and of MetaLoraPersonalizer (r1 = `--sd15-r1`, r2),
 read from the trainers' own parameter lists, per target layer and in total, checked against M x r2 + r2 x N and
 r1 x r2 + r2 x N.
@@ -79,6 +79,14 @@ PAPER_META_STEPS, PAPER_LORA_STEPS = 375, 625
 GOAL = PAPER_META_STEPS / PAPER_LORA_STEPS  # 0.6: Meta-LoRA's steps to LoRA's fidelity, over LoRA's steps
 FF_TARGETS = r"ff\.net\.(0\.proj|2)$"     # the feed-forward (GEGLU) layers of every transformer block
 PARTS = ("convergence", "speed", "params")
+# Example rows of the Flux-dev parameter table: (what, module name in ComfyUI's Flux)
+FLUX_EXAMPLES = [
+    ("img_attn.qkv, first double block", "double_blocks.0.img_attn.qkv"),
+    ("img_attn.proj, first double block", "double_blocks.0.img_attn.proj"),
+    ("txt_attn.qkv, last double block", "double_blocks.18.txt_attn.qkv"),
+    ("linear1 (q, k, v and MLP in), first single block", "single_blocks.0.linear1"),
+    ("linear2 (attention and MLP out), last single block", "single_blocks.37.linear2"),
+]
 # Example rows of the parameter table: (what, module name in ComfyUI's SD1.5 U-Net)
 EXAMPLES = [
     ("attn1.to_q, first input block", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"),
@@ -676,19 +684,25 @@ def run_params(spec: dict) -> dict:
         from idlora.training.lora_trainer import LoraTrainConfig, LoraTrainer
         from idlora.training.meta_lora import CropData, MetaLoraPersonalizer, MetaStage2Config
 
+        flux = spec.get("model") == "flux"
         with torch.device("meta"):
-            unet = UNetModel(**FULL_SD15_UNET, device="meta", operations=comfy.ops.disable_weight_init)
+            if flux:  # Flux-dev's DiT at its full size (tools/flux_memory.py's config)
+                import flux_memory
+                unet = flux_memory.build_flux(flux_memory.FLUX_DEV, "meta")
+            else:
+                unet = UNetModel(**FULL_SD15_UNET, device="meta", operations=comfy.ops.disable_weight_init)
 
-        class MetaSD15:  # the DiffusionModel interface, enough to build the trainers; nothing is run
-            denoiser, prediction_type, sigmas, device, name = unet, "eps", sd_sigmas(), torch.device("meta"), "sd15"
+        class MetaModel:  # the DiffusionModel interface, enough to build the trainers; nothing is run
+            denoiser, sigmas, device = unet, sd_sigmas(), torch.device("meta")
+            prediction_type, name = ("flow", "flux") if flux else ("eps", "sd15")
 
-        model = MetaSD15()
-        data = CropData([torch.empty(1, 4, 8, 8, device="meta")],
-                        [{"context": torch.empty(1, TOKENS, CONTEXT_DIM, device="meta")}])
+        model = MetaModel()
+        data = CropData([torch.empty(1, 16 if flux else 4, 8, 8, device="meta")],
+                        [{"context": torch.empty(1, TOKENS, 4096 if flux else CONTEXT_DIM, device="meta")}])
         common = dict(rank=spec["r2"], targets=spec["targets"], seed=SEED, precision="fp32")
         lora = LoraTrainer(model, data, LoraTrainConfig(**common))
         targets = select_targets(unet, spec["targets"])
-        meta = {"idlora_base_model": "sd15", "idlora_r1": str(spec["r1"])}
+        meta = {"idlora_base_model": model.name, "idlora_r1": str(spec["r1"])}
         ml = MetaLoraPersonalizer(model, data, MetaStage2Config(**common),
                                   _random_meta_down(targets, spec["r1"], device="meta"), meta)
         trainable_lora = {id(p) for p in lora.trainable_parameters()}
@@ -742,17 +756,17 @@ def speed_table(rows: list[tuple[dict, dict]]) -> tuple[list[str], list[str]]:
     return md, ratios
 
 
-def params_tables(r: dict) -> tuple[list[str], list[str]]:
+def params_tables(r: dict, examples=EXAMPLES, model: str = "U-Net") -> tuple[list[str], list[str]]:
     rows = r["rows"]
     r1, r2 = r["r1"], r["r2"]
     bad = [x["name"] for x in rows if x["lora"] != x["M"] * r2 + r2 * x["N"] or x["meta"] != r1 * r2 + r2 * x["N"]]
     md = ["| layer | M (input) | N (output) | LoRA trainable (M r2 + r2 N) | Meta-LoRA stage-2 trainable "
           "(r1 r2 + r2 N) | Meta / LoRA | frozen Meta-Down (r1 M) |", "|---|---|---|---|---|---|---|"]
     by_name = {x["name"]: x for x in rows}
-    for what, name in EXAMPLES:
+    for what, name in examples:
         x = by_name.get(name)
         if x is None:
-            md.append(f"| {what} (`{name}`) | not a target of this U-Net | | | | | |")
+            md.append(f"| {what} (`{name}`) | not a target of this model | | | | | |")
             continue
         md.append(f"| {what} | {x['M']} | {x['N']} | {x['lora']:,} | {x['meta']:,} | {x['meta'] / x['lora']:.2f} | "
                   f"{x['meta_down_frozen']:,} |")
@@ -768,7 +782,7 @@ def params_tables(r: dict) -> tuple[list[str], list[str]]:
     frozen = sum(x["meta_down_frozen"] for x in rows)
     md += ["", f"Totals over {len(rows)} target layers: LoRA {tl:,} trainable; Meta-LoRA stage 2 {tm:,} trainable "
                f"({tm / tl:.2f}x, {tl / tm:.2f}x fewer), plus {frozen:,} frozen Meta-Down weights. The trainers' own "
-               f"parameter lists: LoraTrainer {r['total_lora']:,}, MetaLoraPersonalizer {r['total_meta']:,}. U-Net "
+               f"parameter lists: LoraTrainer {r['total_lora']:,}, MetaLoraPersonalizer {r['total_meta']:,}. {model} "
                f"{r['unet_params'] / 1e6:.1f} M parameters."]
     lines = []
     if bad:
@@ -989,6 +1003,25 @@ def main(argv=None) -> int:
         else:
             child_failed = True
             errors.append(f"part 3 (parameter count) failed: {r.get('error')}")
+            md += [f"FAILED: {r.get('error')}", ""]
+
+    if "params" in parts:
+        print("\n## Part 3b: trainable parameters per layer, full FLUX.1-dev", flush=True)
+        spec = dict(part="params", model="flux", targets="flux_attn", r1=a.sd15_r1, r2=cfg.r2)
+        r = spawn(spec, a.timeout, logs, a.verbose, script=Path(__file__), tag="params_flux")
+        md += ["## 3b. Trainable parameters per layer, full FLUX.1-dev (the Meta-LoRA paper's model)", "",
+               f"ComfyUI's Flux with FLUX.1-dev's detected config (tools/flux_memory.py) on the meta device (no "
+               f"weights); targets `flux_attn` (the paper does not say which Flux layers it adapts), r1 = "
+               f"{a.sd15_r1}, r2 = {cfg.r2} (the paper's); counts read from the trainers as above.", ""]
+        if r.get("ok"):
+            r.update(r1=a.sd15_r1, r2=cfg.r2)
+            tab, problems = params_tables(r, FLUX_EXAMPLES, "Flux-dev")
+            md += tab + [""] + [f"- {x}" for x in problems] + [""] * bool(problems)
+            print("\n".join(tab + problems), flush=True)
+            errors += problems
+        else:
+            child_failed = True
+            errors.append(f"part 3b (Flux parameter count) failed: {r.get('error')}")
             md += [f"FAILED: {r.get('error')}", ""]
 
     wall = time.perf_counter() - t_start

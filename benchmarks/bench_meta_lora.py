@@ -36,10 +36,10 @@ model through nodes/comfy_adapter.ComfyDiffusion, built with bench_lora's helper
 under bench_lora's allocator settings and torch.set_num_threads(2); median seconds per step after the warm-up and
 the FLOPs of one more step. The step uses the trainers' own noise-prediction loss; the Meta-Down is random.
 
-Part 3, trainable parameters per layer on the full SD1.5 U-Net (and, part 3b, on full FLUX.1-dev with `flux_attn`) (ComfyUI's UNetModel on the meta device, no
+Part 3, trainable parameters per layer on the full SD1.5 U-Net (ComfyUI's UNetModel on the meta device, no
 weights): the trainable parameters of LoraTrainer (rank r2) and of MetaLoraPersonalizer (r1 = `--sd15-r1`, r2),
 read from the trainers' own parameter lists, per target layer and in total, checked against M x r2 + r2 x N and
-r1 x r2 + r2 x N.
+r1 x r2 + r2 x N. Part 3b: the same on full FLUX.1-dev (ComfyUI's Flux, `flux_attn`), the paper's model.
 
 Results are printed as Markdown and written to benchmarks/results/bench_meta_lora.md (`--out ''` skips). Nothing
 is hard-coded: every number comes from the runs. Exit status: 0, 1 when a part failed (the reason is printed),

@@ -93,6 +93,14 @@ class DuoLoRAMerge(BackgroundNode):
                                tooltip="naive: the style LoRA's weight."),
                 seed_input(tooltip="Seed of the init and the draws."),
                 *background_inputs("idlora_duolora", work="merge"),
+                io.String.Input("content_blocks", default="", optional=True,
+                                tooltip="duolora's layer priors by layer name, for models whose layers have no "
+                                        "feature-map size (Flux, SD3): a pattern (RE2) of the content-dominant "
+                                        "layers, e.g. ^double_blocks\. on Flux. Empty: U-Nets classify by "
+                                        "feature-map size, DiTs get no layer prior. Set both or neither."),
+                io.String.Input("style_blocks", default="", optional=True,
+                                tooltip="The style-dominant layers' pattern, e.g. ^single_blocks\. on Flux (a "
+                                        "split of our choosing: no paper gives one for Flux)."),
             ],
             outputs=lora_job_outputs("merged"),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -102,11 +110,13 @@ class DuoLoRAMerge(BackgroundNode):
     def execute(cls, model, clip, vae, content_images, style_image, content_prompt, style_prompt, mixed_prompt,
                 method, steps, learning_rate, lambda_cycle, lambda_layer_prior, t_content, t_style, cycle_every,
                 naive_content_weight, naive_style_weight, seed, content_lora=None, content_lora_name=NONE,
-                style_lora=None, style_lora_name=NONE, mode="blocking", name="idlora_duolora") -> io.NodeOutput:
+                style_lora=None, style_lora_name=NONE, mode="blocking", name="idlora_duolora", content_blocks="",
+                style_blocks="") -> io.NodeOutput:
         cfg = MergeConfig(method=method, steps=steps, learning_rate=learning_rate, lambda_cycle=lambda_cycle,
                           lambda_layer_prior=lambda_layer_prior, t_content=t_content, t_style=t_style,
                           cycle_every=cycle_every, naive_weights=(naive_content_weight, naive_style_weight),
-                          seed=seed).validate()
+                          seed=seed, content_blocks=content_blocks.strip(),
+                          style_blocks=style_blocks.strip()).validate()
         check_prompts(content_prompt=content_prompt, style_prompt=style_prompt, mixed_prompt=mixed_prompt)
         check_images(content_images), check_images(style_image)
         content, style = resolve_pair(pick(content_lora, content_lora_name, "content"),

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.lora import LoraConfigError, compile_pattern
 from ..models.merge import MergeNetwork
 from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, sample_sigmas, to_x0
 from .lora_format import LoraBundle, LoraWeight
@@ -65,6 +66,8 @@ class MergeConfig(LoraTrainConfig):
     naive_weights: tuple[float, float] = (1.0, 1.0)
     cached_draws: int = 8             # (image, timestep, noise) draws whose single-LoRA targets are cached
     prune_below: float = 0.0          # export: drop rank components with |mask| <= this (0: exact zeros only)
+    content_blocks: str = ""          # layer priors by name (RE2 patterns), instead of by feature-map size: the
+    style_blocks: str = ""            # rule for DiTs such as Flux, whose layers all work on the same tokens
 
     def validate(self) -> "MergeConfig":
         need = self.need
@@ -80,6 +83,14 @@ class MergeConfig(LoraTrainConfig):
         need(isinstance(self.cycle_every, int) and self.cycle_every >= 1, "cycle_every", "use a whole number >= 1")
         need(isinstance(self.cached_draws, int) and self.cached_draws >= 1, "cached_draws", "use a whole number >= 1")
         need(self.prune_below >= 0, "prune_below", "use 0 (exact export) or a small positive threshold")
+        need(bool(self.content_blocks) == bool(self.style_blocks), "content_blocks",
+             "give both content_blocks and style_blocks, or neither (then the layers' feature-map sizes decide)")
+        for field_name in ("content_blocks", "style_blocks"):
+            if getattr(self, field_name):
+                try:
+                    compile_pattern(getattr(self, field_name), field_name)
+                except LoraConfigError as e:
+                    raise TrainingInputError(str(e)) from None
         return self
 
 
@@ -133,6 +144,20 @@ def classify_layers(denoiser: nn.Module, names: list[str], run_forward, latent_h
             out[name] = (OTHER, None)
         else:
             out[name] = (CONTENT if min(hw) * 4 <= min(latent_hw) else STYLE, hw)
+    return out
+
+
+def classify_by_name(names: list[str], content_blocks: str, style_blocks: str) -> dict:
+    """{name: (content | style | other, None)} by the user's patterns (RE2, searched in the module name): the layer
+    priors' rule where feature-map sizes say nothing (a DiT). A layer both patterns match is an error."""
+    c, s = compile_pattern(content_blocks, "content_blocks"), compile_pattern(style_blocks, "style_blocks")
+    out = {}
+    for name in names:
+        is_c, is_s = c.search(name) is not None, s.search(name) is not None
+        if is_c and is_s:
+            raise TrainingInputError(f"layer {name!r} matches both content_blocks {content_blocks!r} and "
+                                     f"style_blocks {style_blocks!r}: make the two patterns disjoint")
+        out[name] = (CONTENT if is_c else STYLE if is_s else OTHER, None)
     return out
 
 
@@ -195,7 +220,15 @@ class LoraMerger(LoraTrainer):
                                         torch.full((1,), config.naive_weights[1])) for n in self.network.names})
 
     def measure_layer_kinds(self) -> dict:
-        """Content- / style-dominant layers from one forward pass on the first content latent."""
+        """Content- / style-dominant layers: by the config's block patterns when given, else from one forward pass
+        on the first content latent (feature-map sizes)."""
+        if self.cfg.content_blocks:
+            kinds = classify_by_name(self.network.names, self.cfg.content_blocks, self.cfg.style_blocks)
+            if all(k == OTHER for k, _ in kinds.values()):
+                raise TrainingInputError(f"content_blocks {self.cfg.content_blocks!r} and style_blocks "
+                                         f"{self.cfg.style_blocks!r} match none of the {len(kinds)} merged layers "
+                                         f"(e.g. {self.network.names[0]!r}): fix the patterns")
+            return kinds
         x = self.data.content[:1]
         sigma = self.model.sigmas[len(self.model.sigmas) // 2].reshape(1).to(x.device)
         kinds = classify_layers(self.model.denoiser, self.network.names,
@@ -205,6 +238,11 @@ class LoraMerger(LoraTrainer):
                         "the layer priors do not apply: every rank mask starts at ones and the merge runs on the "
                         "rank masks and the cycle loss alone", len(kinds), self.model.name)
         return kinds
+
+    def target_modules(self) -> dict[str, nn.Module]:
+        """The layers of the two LoRAs (``cfg.targets`` does not apply: a merge adapts what its LoRAs adapt)."""
+        modules = dict(self.model.denoiser.named_modules())
+        return {n: modules[n] for n in {**self.content_w, **self.style_w} if n in modules}
 
     def build_network(self, targets) -> MergeNetwork:
         modules = dict(self.model.denoiser.named_modules())

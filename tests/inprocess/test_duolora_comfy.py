@@ -264,3 +264,38 @@ def test_flux_layers_have_no_feature_map_size_so_no_layer_prior(comfy):
     kinds = classify_layers(diffusion.denoiser, names, lambda: diffusion.net_forward(x, sigma, cond), (8, 8))
     assert len(kinds) == len(names) >= 6
     assert all(kind == (OTHER, None) for kind in kinds.values())
+
+
+FLUX_CONTENT, FLUX_STYLE = r"^double_blocks\.", r"^single_blocks\."
+
+
+def test_duolora_on_flux_takes_its_layer_priors_from_block_patterns(comfy):
+    """On a DiT the user's content_blocks / style_blocks classify every merged layer (none left 'other' with these
+    patterns), the DuoLoRA merge starts from those prior masks and trains; patterns that match nothing are refused."""
+    import comfy_tiny
+    from idlora.models.lora import select_targets
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    from idlora.training.duolora import CONTENT, STYLE, LoraMerger, MergeConfig, MergeData
+    from idlora.training.lora_trainer import TrainingInputError
+
+    diffusion = ComfyDiffusion(comfy_tiny.tiny_patcher("flux"))
+    g = torch.Generator().manual_seed(3)
+    targets = select_targets(diffusion.denoiser, "flux_attn")
+    content, style = random_lora(targets, 4, None, g), random_lora(targets, 4, None, g)
+    cond = comfy_tiny.tiny_flux_cond(1, 0)
+    data = MergeData(torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g), cond, cond, cond)
+    cfg = MergeConfig(steps=2, cached_draws=1, content_blocks=FLUX_CONTENT, style_blocks=FLUX_STYLE)
+    merger = LoraMerger(diffusion, data, cfg, content, style)
+    kinds = {n: k for n, (k, _) in merger.layer_kinds.items()}
+    assert set(kinds) == set(targets)
+    assert {n for n, k in kinds.items() if k == CONTENT} == {n for n in targets if n.startswith("double_blocks.")}
+    assert {n for n, k in kinds.items() if k == STYLE} == {n for n in targets if n.startswith("single_blocks.")}
+    # prior-informed init: content layers keep t_content of m_c, style layers t_style of it
+    for n, layer in merger.network.items():
+        share = float((layer.m_c != 0).float().mean())
+        assert share == pytest.approx(cfg.t_content if kinds[n] == CONTENT else cfg.t_style, abs=0.13), n
+    merger.run()
+    assert len(merger.losses) == 2 and all(torch.isfinite(torch.tensor(merger.losses)))
+    with pytest.raises(TrainingInputError, match="match none of the"):
+        LoraMerger(diffusion, data, MergeConfig(steps=1, content_blocks="^nothing", style_blocks="^neither"),
+                   content, style)

@@ -182,3 +182,18 @@ def test_multi_concept_combine_is_the_average(setup):
         both_halves = forward(model, nets[2], x, sigma, cond)
     assert torch.allclose(forward(model, nets[0], x, sigma, cond), both_halves, atol=1e-5)
     assert not torch.allclose(both_halves, model.net_forward(x, sigma, cond), atol=1e-4)
+
+
+def test_block_patterns_are_checked_when_configured():
+    from idlora.training.duolora import CONTENT, OTHER, STYLE, MergeConfig, classify_by_name
+    from idlora.training.lora_trainer import TrainingInputError
+
+    with pytest.raises(TrainingInputError, match="give both content_blocks and style_blocks"):
+        MergeConfig(content_blocks="^a").validate()
+    with pytest.raises(TrainingInputError, match="style_blocks"):
+        MergeConfig(content_blocks="^a", style_blocks="(").validate()
+    kinds = classify_by_name(["double_blocks.0.x", "single_blocks.1.y", "final_layer.z"], "^double", "^single")
+    assert kinds == {"double_blocks.0.x": (CONTENT, None), "single_blocks.1.y": (STYLE, None),
+                     "final_layer.z": (OTHER, None)}
+    with pytest.raises(TrainingInputError, match="matches both"):
+        classify_by_name(["blocks.0"], "blocks", r"\.0")

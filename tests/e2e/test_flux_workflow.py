@@ -93,3 +93,20 @@ def test_a_unet_preset_on_flux_is_refused_before_the_background_job(srv):
     msg = err["exception_message"]
     assert "targets = 'attn' is a preset for U-Net" in msg and "flux_attn" in msg and "(this model: flux)" in msg, msg
     assert len(srv.get("/idlora/jobs")[1]["jobs"]) == jobs_before and srv.alive()
+
+
+def test_flux_duolora_workflow_merges_two_flux_loras(srv):
+    """Two Flux LoRAs trained in the workflow, merged by DuoLoRA with block-pattern layer priors (double blocks:
+    content, single blocks: style), saved as a kohya Flux file, applied by the stock LoraLoaderModelOnly, sampled."""
+    from idlora.training.lora_format import load_lora
+
+    hist, _ = srv.run(_workflow("idlora_flux_duolora"), timeout=600)
+    _check_run(srv, hist, "18")
+    path = srv.base / "models" / "loras" / "idlora" / "idlora_flux_duolora_example.safetensors"
+    _check_flux_file(path)
+    merged = load_lora(path)
+    assert merged.metadata["idlora_method"] == "merge_duolora"
+    masks = json.loads(merged.metadata["idlora_masks"])
+    assert len(masks) == 6 and all(len(m["c"]) == 4 and len(m["s"]) == 4 for m in masks.values())
+    [img] = hist["outputs"]["12"]["images"]  # the mask inspector's chart
+    assert (srv.base / "output" / img["subfolder"] / img["filename"]).stat().st_size > 1000

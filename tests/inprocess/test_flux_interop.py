@@ -324,3 +324,49 @@ def test_flux_lora_round_trips_exactly_through_difflora_flat_layout(comfy, tmp_p
         wa = comfy.lora.calculate_weight(a.patches[key], base.clone().float(), key)
         wb = comfy.lora.calculate_weight(b.patches[key], base.clone().float(), key)
         assert torch.equal(wa, wb) and not torch.equal(wa, base.float()), key
+
+
+def test_difflora_samples_a_flux_lora_the_stock_loader_applies_to_every_module(comfy, tmp_path):
+    """A DiffLoRA (LAE + DiT, seeded random weights) over the rank-1 flux_attn layout of the tiny Flux-dev: its
+    samples for two faces are different LoRAs of that layout, saved as kohya Flux files, and the stock LoraLoader
+    patches every module of the layout (and nothing else)."""
+    import comfy_tiny
+    import folder_paths
+    import nodes
+    from idlora.models.dit import DiTConfig, LoraDiT
+    from idlora.models.lae import LaeConfig, LoraAutoencoder
+    from idlora.models.lora import select_targets
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    from idlora.training.difflora import DiffLora
+    from idlora.training.lora_format import save_bundle
+    from idlora.training.lora_vector import LayerSpec, LoraLayout
+
+    patcher = comfy_tiny.tiny_patcher("flux")
+    diffusion = ComfyDiffusion(patcher)
+    targets = select_targets(diffusion.denoiser, "flux_attn")
+    layout = LoraLayout([LayerSpec(n, m.weight.shape[0], (1, m.weight.shape[1]), (m.weight.shape[0], 1), 1.0)
+                         for n, m in sorted(targets.items())])
+    torch.manual_seed(0)
+    lae = LoraAutoencoder(LaeConfig(layout.length, patch=16, levels=2, channels=16, latent_channels=4, heads=4,
+                                    mlp_hidden=32))
+    with torch.no_grad():
+        for p in lae.head.parameters():  # the head starts at zero (an untrained LAE returns its mean LoRA)
+            p.normal_(0, 0.05)
+    c, t = lae.cfg.latent_shape
+    dit = LoraDiT(DiTConfig(c, t, face_dim=512, image_dim=32, hidden=32, depth=1, heads=4))
+    with torch.no_grad():  # no adaLN-Zero: an untrained DiT would give every face the same LoRA
+        for p in dit.parameters():
+            p.normal_(0, 0.05)
+    model = DiffLora(layout, lae, dit, 1.0, {}, {"base_model": "flux", "targets": "flux_attn"})
+    faces = torch.nn.functional.normalize(torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1)
+    samples = model.sample(faces, torch.randn(2, 32), steps=4, seed=0)
+    assert len(samples) == 2 and all(set(s) == set(targets) for s in samples)
+    assert any(not torch.equal(samples[0][n].up, samples[1][n].up) for n in targets)  # the face matters
+
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    try:
+        save_bundle(tmp_path / "sampled.safetensors", model.bundle(samples[0], stems=diffusion.lora_stems))
+        (stock,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, "sampled.safetensors", 1.0)
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+    assert set(stock.patches) == {f"diffusion_model.{n}.weight" for n in targets}

@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, add_comfy_flag, load_diffusion, setup_comfy, setup_logging  # noqa: E402
+from meta_lora_stage1 import (InputError, add_clip_flags, add_comfy_flag, load_diffusion, setup_comfy,  # noqa: E402
+                              setup_logging)
 from meta_lora_stage1 import TARGETS_FLAG  # noqa: E402
 
 log = logging.getLogger("idlora.build_lora_dataset")
@@ -67,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Build the per-identity LoRA dataset of DiffLoRA (one LoRA, face and "
                                             "CLIP image embedding per identity), sharded across processes.")
     p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint with U-Net, CLIP and VAE")
+    add_clip_flags(p)
     p.add_argument("--data", required=True, help="folder with one subfolder of images per identity")
     p.add_argument("--out", required=True, help="the LoRA dataset folder (shared by all shards)")
     p.add_argument("--shard", type=int, default=int(os.environ.get("RANK", "0")),
@@ -258,7 +260,7 @@ def build_shard(a: argparse.Namespace) -> dict:
         if device.type == "cpu":  # ComfyUI's fp16 text encoder is 3-8x slower than fp32 on a CPU
             from comfy.cli_args import args as comfy_args
             comfy_args.fp32_text_enc = True
-        diffusion = load_diffusion(a.checkpoint, "the builder")
+        diffusion = load_diffusion(a.checkpoint, "the builder", a.clip, a.clip_type)
         log.info("loaded %s (%s, %s prediction) in %.1f s on %s", a.checkpoint, diffusion.name,
                  diffusion.prediction_type, time.perf_counter() - t0, device)
         embed_image = image_fn(a, device)

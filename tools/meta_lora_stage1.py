@@ -82,11 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "identities (single process or under torchrun).")
     p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint (.safetensors / .ckpt) "
                                                        "with U-Net, CLIP and VAE")
-    p.add_argument("--clip", nargs="+", default=None, metavar="FILE",
-                   help="text encoder file(s) instead of the checkpoint's (Flux: t5xxl and clip_l, with --clip-type "
-                        "flux)")
-    p.add_argument("--clip-type", default="stable_diffusion",
-                   help="ComfyUI CLIP type of --clip: stable_diffusion (one CLIP-L), flux, sd3, ...")
+    add_clip_flags(p)
     p.add_argument("--data", required=True, help="folder with one subfolder of images per identity")
     p.add_argument("--out", required=True, help="output folder (checkpoints, meta_down.safetensors, sync.tsv)")
     p.add_argument("--name", default="", help="name recorded in the Meta-Down file (default: the --out folder's name)")
@@ -188,6 +184,15 @@ def import_adapter():
     import_pack()
     from idlora.nodes.comfy_adapter import ComfyDiffusion
     return ComfyDiffusion
+
+
+def add_clip_flags(p: argparse.ArgumentParser) -> None:
+    """--clip / --clip-type: text encoders for a checkpoint that has none (Flux's, SD3's); see ``load_diffusion``."""
+    p.add_argument("--clip", nargs="+", default=None, metavar="FILE",
+                   help="text encoder file(s) instead of the checkpoint's (Flux: t5xxl and clip_l, with --clip-type "
+                        "flux)")
+    p.add_argument("--clip-type", default="stable_diffusion",
+                   help="ComfyUI CLIP type of --clip: stable_diffusion (one CLIP-L), flux, sd3, ...")
 
 
 def load_diffusion(checkpoint: str, who: str, clip_files: list[str] | None = None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """DuoLoRA merge benchmark: step cost, learnable parameters and merge quality of ZipLoRA, ZipRank, DuoLoRA, naive.
 
-    python benchmarks/bench_duolora.py [--res 256] [--rank 64] [--steps 3] [--warmup 1]
+    python benchmarks/bench_duolora.py [--model sd15|flux] [--res 256] [--rank 64] [--steps 3] [--warmup 1]
                                        [--rows all|ziplora,ziprank,duolora,duolora_k4,naive]
                                        [--quality | --no-quality] [--params | --no-params] [--out PATH]
 
@@ -58,7 +58,8 @@ if str(BENCH) not in sys.path:
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
     run_child,
-    ALLOC_ENV, CONTENDED, CONTEXT_DIM, FULL_UNETS, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
+    ALLOC_ENV, CONTENDED, CONTEXT_DIM, FLUX_CONTEXT_DIM, FLUX_DIT, FLUX_TOKENS, FULL_UNETS, ROOT, SEED, THREADS,
+    TOKENS, _comfy_patcher, _flux_inputs, _inputs,
     _proc_status_mb, _setup_comfy, cpu_model,
     matmul_peak_gflops, spawn, summarize, add_run_args, report_failures, write_results,
 )
@@ -69,6 +70,9 @@ PAPER_RANK = 64
 PAPER_PARAMS_M = {"ziprank": "0.07", "ziplora": "1.33"}          # DuoLoRA Table 1 (SDXL), millions
 PAPER_MINUTES = {"ziplora": 5.48, "ziprank": 5.28, "duolora": 6.38}  # DuoLoRA Table 1, training time
 LORA_TARGETS = "attn"
+# --model flux: Flux-dev's width, 2 double + 4 single blocks (bench_lora's FLUX_DIT); LoRAs on flux_attn, and DuoLoRA's
+# layer priors by block pattern (a DiT has no feature-map sizes): content on the double blocks, style on the single
+FLUX_TARGETS, FLUX_BLOCKS = "flux_attn", ("^double_blocks\\.", "^single_blocks\\.")
 
 # row name -> (MergeConfig.method, cycle_every, what it is)
 ROWS = {
@@ -152,19 +156,28 @@ def run_speed(spec: dict) -> dict:
         from idlora.training.duolora import LoraMerger, MergeConfig, MergeData, param_counts
 
         method, k = spec["method"], spec["cycle_every"]
-        patcher = _comfy_patcher("sd15", SEED)
+        flux = spec.get("model") == "flux"
+        patcher = _comfy_patcher("flux" if flux else "sd15", SEED)
         model = ComfyDiffusion(patcher)
-        (lat_c, lat_s), ctx_c = _inputs(spec["res"], SEED, n_latents=2)
         g = torch.Generator().manual_seed(SEED + 1)
-        ctx_s, ctx_cs = (torch.randn((1, TOKENS, CONTEXT_DIM), generator=g) for _ in range(2))
-        data = MergeData(lat_c, lat_s, {"context": ctx_c}, {"context": ctx_s}, {"context": ctx_cs})
-        targets = select_targets(model.denoiser, LORA_TARGETS)
+        if flux:  # a T5-sized context and a pooled vector per prompt row
+            (lat_c, lat_s), ctx_c, pooled = _flux_inputs(spec["res"], SEED, FLUX_TOKENS, n_latents=2)
+            rows = [{"context": ctx_c, "y": pooled}] + [
+                {"context": torch.randn((1, FLUX_TOKENS, FLUX_CONTEXT_DIM), generator=g),
+                 "y": torch.randn(pooled.shape, generator=g)} for _ in range(2)]
+        else:
+            (lat_c, lat_s), ctx_c = _inputs(spec["res"], SEED, n_latents=2)
+            rows = [{"context": ctx_c}] + [{"context": torch.randn((1, TOKENS, CONTEXT_DIM), generator=g)}
+                                           for _ in range(2)]
+        data = MergeData(lat_c, lat_s, *rows)
+        targets = select_targets(model.denoiser, FLUX_TARGETS if flux else LORA_TARGETS)
         shapes = {n: tuple(m.weight.shape[:2]) for n, m in targets.items()}
         content = random_loras(targets, spec["rank"], SEED + 10)
         style = random_loras(targets, spec["rank"], SEED + 20)
         n_timed = max(spec["steps"], k)  # a full cycle period is timed
+        blocks = dict(zip(("content_blocks", "style_blocks"), FLUX_BLOCKS)) if flux else {}
         cfg = MergeConfig(method=method, steps=spec["warmup"] + n_timed + k + 1, seed=SEED, precision="fp32",
-                          rank=spec["rank"], targets=LORA_TARGETS, cycle_every=k)
+                          rank=spec["rank"], cycle_every=k, **blocks)
 
         counter = PassCounter(model.denoiser)
         w0, p0 = time.perf_counter(), counter.snapshot()
@@ -555,6 +568,9 @@ def parse_args(argv=None):
                    help="rank of the two random LoRAs (speed) and of the parameter table")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median over these; at least one cycle period)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    p.add_argument("--model", choices=["sd15", "flux"], default="sd15",
+                   help="speed part: the full SD1.5 U-Net, or Flux-dev's width with 2 + 4 blocks (bench_lora's "
+                        "reduced Flux; LoRAs on flux_attn, DuoLoRA's priors by block pattern)")
     p.add_argument("--rows", default="all", help=f"'all' or a comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
                    help="the synthetic merge-quality task on the tiny model")
@@ -579,6 +595,7 @@ def main(argv=None) -> int:
         raise SystemExit("--steps, --rank and --quality-steps must be >= 1 and --warmup >= 0")
     if a.res % 64 or a.res < 64:
         raise SystemExit(f"--res must be a multiple of 64 (the SD1.5 U-Net halves the latent three times), got {a.res}")
+    flux = a.model == "flux"
 
     import torch
 
@@ -592,11 +609,16 @@ def main(argv=None) -> int:
         f"({os.cpu_count()} cores visible), torch threads: {THREADS}",
         "allocator (every run): " + " ".join(f"{k}={v}" for k, v in ALLOC_ENV.items()),
         f"fp32 matmul peak (2048^3 torch.mm, median of 5): {peak:.1f} GFLOP/s",
-        f"speed setup: full SD1.5 U-Net (seeded random weights), fp32, CPU, batch 1, {a.res} px ({a.res // 8}x"
-        f"{a.res // 8} latents: one content, one style), three random prompt rows (1, {TOKENS}, {CONTEXT_DIM}), two "
-        f"random rank-{a.rank} LoRAs on '{LORA_TARGETS}', MergeConfig defaults (Adam lr 0.01, lambda_cycle 0.01, "
-        f"lambda_layer_prior 0.1, 8 cached draws), seed {SEED}, {a.warmup} warm-up + {a.steps} timed steps per run "
-        f"(at least one full cycle period)",
+        (f"speed setup: NOT Flux-dev but its width with {FLUX_DIT['depth']} double + {FLUX_DIT['depth_single_blocks']} "
+         f"single blocks (seeded random weights), fp32, CPU, batch 1, {a.res} px (16-channel {a.res // 8}x{a.res // 8} "
+         f"latents: one content, one style), three random prompt rows (1, {FLUX_TOKENS}, {FLUX_CONTEXT_DIM}) + "
+         f"pooled, two random rank-{a.rank} LoRAs on '{FLUX_TARGETS}', DuoLoRA's layer priors content_blocks "
+         f"{FLUX_BLOCKS[0]} / style_blocks {FLUX_BLOCKS[1]}, MergeConfig defaults" if flux else
+         f"speed setup: full SD1.5 U-Net (seeded random weights), fp32, CPU, batch 1, {a.res} px ({a.res // 8}x"
+         f"{a.res // 8} latents: one content, one style), three random prompt rows (1, {TOKENS}, {CONTEXT_DIM}), two "
+         f"random rank-{a.rank} LoRAs on '{LORA_TARGETS}', MergeConfig defaults")
+        + f" (Adam lr 0.01, lambda_cycle 0.01, lambda_layer_prior 0.1, 8 cached draws), seed {SEED}, {a.warmup} "
+        f"warm-up + {a.steps} timed steps per run (at least one full cycle period)",
     ]
     print("\n".join(header), flush=True)
 
@@ -606,7 +628,7 @@ def main(argv=None) -> int:
     for i, name in enumerate(rows, 1):
         method, k, what = ROWS[name]
         spec = dict(part="speed", row=name, what=what, method=method, cycle_every=k, res=a.res, rank=a.rank,
-                    steps=a.steps, warmup=a.warmup)
+                    steps=a.steps, warmup=a.warmup, model=a.model)
         n_timed = max(a.steps, k)
         tag = f"{i:02d}_speed_{name}"
         r = summarize_speed(spawn(spec, a.timeout, logs, a.verbose, script=Path(__file__), tag=tag), n_timed, peak)

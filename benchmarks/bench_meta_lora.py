@@ -986,42 +986,32 @@ def main(argv=None) -> int:
         print("\n".join(ratios + warn), flush=True)
 
     # -- part 3 ------------------------------------------------------------------------------------
-    if "params" in parts:
-        print("\n## Part 3: trainable parameters per layer, full SD1.5 U-Net", flush=True)
-        spec = dict(part="params", targets="attn", r1=a.sd15_r1, r2=cfg.r2)
-        r = spawn(spec, a.timeout, logs, a.verbose, script=Path(__file__), tag="params")
-        md += ["## 3. Trainable parameters per layer, full SD1.5 U-Net", "",
-               f"ComfyUI's UNetModel with bench_lora's FULL_SD15_UNET config on the meta device (no weights); "
-               f"targets `attn`, r1 = {a.sd15_r1}, r2 = {cfg.r2}; counts read from LoraTrainer's and "
-               f"MetaLoraPersonalizer's trainable parameters.", ""]
+    # (label, section title, spec extras, intro, example rows, model name): SD1.5, then Flux-dev (the paper's model)
+    param_parts = [
+        ("3", "full SD1.5 U-Net", dict(targets="attn"), (
+            f"ComfyUI's UNetModel with bench_lora's FULL_SD15_UNET config on the meta device (no weights); "
+            f"targets `attn`, r1 = {a.sd15_r1}, r2 = {cfg.r2}; counts read from LoraTrainer's and "
+            f"MetaLoraPersonalizer's trainable parameters."), EXAMPLES, "U-Net"),
+        ("3b", "full FLUX.1-dev (the Meta-LoRA paper's model)", dict(model="flux", targets="flux_attn"),
+         f"ComfyUI's Flux with FLUX.1-dev's detected config (tools/flux_memory.py) on the meta device (no "
+         f"weights); targets `flux_attn` (the paper does not say which Flux layers it adapts), r1 = "
+         f"{a.sd15_r1}, r2 = {cfg.r2} (the paper's); counts read from the trainers as above.", FLUX_EXAMPLES,
+         "Flux-dev"),
+    ] if "params" in parts else []
+    for label, title, extra, intro, examples, model_name in param_parts:
+        print(f"\n## Part {label}: trainable parameters per layer, {title}", flush=True)
+        spec = dict(part="params", r1=a.sd15_r1, r2=cfg.r2, **extra)
+        r = spawn(spec, a.timeout, logs, a.verbose, script=Path(__file__), tag=f"params_{label}")
+        md += [f"## {label}. Trainable parameters per layer, {title}", "", intro, ""]
         if r.get("ok"):
             r.update(r1=a.sd15_r1, r2=cfg.r2)
-            tab, problems = params_tables(r)
+            tab, problems = params_tables(r, examples, model_name)
             md += tab + [""] + [f"- {x}" for x in problems] + [""] * bool(problems)
             print("\n".join(tab + problems), flush=True)
             errors += problems
         else:
             child_failed = True
-            errors.append(f"part 3 (parameter count) failed: {r.get('error')}")
-            md += [f"FAILED: {r.get('error')}", ""]
-
-    if "params" in parts:
-        print("\n## Part 3b: trainable parameters per layer, full FLUX.1-dev", flush=True)
-        spec = dict(part="params", model="flux", targets="flux_attn", r1=a.sd15_r1, r2=cfg.r2)
-        r = spawn(spec, a.timeout, logs, a.verbose, script=Path(__file__), tag="params_flux")
-        md += ["## 3b. Trainable parameters per layer, full FLUX.1-dev (the Meta-LoRA paper's model)", "",
-               f"ComfyUI's Flux with FLUX.1-dev's detected config (tools/flux_memory.py) on the meta device (no "
-               f"weights); targets `flux_attn` (the paper does not say which Flux layers it adapts), r1 = "
-               f"{a.sd15_r1}, r2 = {cfg.r2} (the paper's); counts read from the trainers as above.", ""]
-        if r.get("ok"):
-            r.update(r1=a.sd15_r1, r2=cfg.r2)
-            tab, problems = params_tables(r, FLUX_EXAMPLES, "Flux-dev")
-            md += tab + [""] + [f"- {x}" for x in problems] + [""] * bool(problems)
-            print("\n".join(tab + problems), flush=True)
-            errors += problems
-        else:
-            child_failed = True
-            errors.append(f"part 3b (Flux parameter count) failed: {r.get('error')}")
+            errors.append(f"part {label} (parameter count, {title}) failed: {r.get('error')}")
             md += [f"FAILED: {r.get('error')}", ""]
 
     wall = time.perf_counter() - t_start

@@ -97,7 +97,8 @@ class DuoLoRAMerge(BackgroundNode):
                                 tooltip="duolora's layer priors by layer name, for models whose layers have no "
                                         "feature-map size (Flux, SD3): a pattern (RE2) of the content-dominant "
                                         "layers, e.g. ^double_blocks\. on Flux. Empty: U-Nets classify by "
-                                        "feature-map size, DiTs get no layer prior. Set both or neither."),
+                                        "feature-map size, DiT layers by the two LoRAs' weight shares. Set both "
+                                        "or neither."),
                 io.String.Input("style_blocks", default="", optional=True,
                                 tooltip="The style-dominant layers' pattern, e.g. ^single_blocks\. on Flux (a "
                                         "split of our choosing: no paper gives one for Flux)."),

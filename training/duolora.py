@@ -24,7 +24,9 @@ p_cs ("a <V1> object in <S2> style"). Per step, for a cached draw (image, timest
 
 Layers are classified by the resolution of their feature map, measured with forward hooks: content-dominant when
 it is at most a quarter of the latent's side (32 px of a 1024 px SDXL image: down_blocks.2, mid_block, up_blocks.0,
-the paper's mapping), style-dominant otherwise (64 px: down_blocks.1, up_blocks.1).
+the paper's mapping), style-dominant otherwise (64 px: down_blocks.1, up_blocks.1). Layers with no feature-map
+size (every layer of a DiT such as Flux; a U-Net's time embedding) are classified by the two LoRAs' weight shares
+(``classify_by_weights``), or by the user's ``content_blocks`` / ``style_blocks`` patterns.
 """
 from __future__ import annotations
 
@@ -161,6 +163,29 @@ def classify_by_name(names: list[str], content_blocks: str, style_blocks: str) -
     return out
 
 
+def lora_norm(weight: tuple | None) -> float:
+    """||scale * up @ down||_F of one LoRA layer (down, up, alpha), without forming the product; 0 when absent."""
+    if weight is None:
+        return 0.0
+    down, up, alpha = weight
+    rank = down.shape[0]
+    d, u = down.detach().float().reshape(rank, -1), up.detach().float().reshape(up.shape[0], rank)
+    gram = (u.T @ u) * (d @ d.T)  # ||U D||_F^2 = trace((U^T U)(D D^T)): this product's sum
+    return float(gram.sum().clamp_min(0).sqrt()) * (alpha if alpha is not None else rank) / rank
+
+
+def classify_by_weights(names: list[str], content: dict, style: dict) -> dict:
+    """{name: (content | style, None)} from the two LoRAs themselves: the rule where feature-map sizes say nothing
+    (every layer of a DiT such as Flux). Each LoRA's change is split over the layers, ||dW_l||_F / sum_k ||dW_k||_F;
+    a layer is content-dominant where the content LoRA's share is at least the style LoRA's, else style-dominant
+    (a layer only one LoRA adapts belongs to it). Every layer gets a kind. IDLoRA's rule, not the paper's: the paper
+    maps SDXL's blocks by resolution, which a DiT does not have."""
+    nc = {n: lora_norm(content.get(n)) for n in names}
+    ns = {n: lora_norm(style.get(n)) for n in names}
+    tc, ts = sum(nc.values()) or 1.0, sum(ns.values()) or 1.0
+    return {n: (CONTENT if nc[n] / tc >= ns[n] / ts else STYLE, None) for n in names}
+
+
 def prior_masks(rank_c: int, rank_s: int, kind: str, t_content: float, t_style: float,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Prior-informed initial rank masks: in a content-dominant layer a share t_content of m_c's entries and t_style
@@ -233,10 +258,13 @@ class LoraMerger(LoraTrainer):
         sigma = self.model.sigmas[len(self.model.sigmas) // 2].reshape(1).to(x.device)
         kinds = classify_layers(self.model.denoiser, self.network.names,
                                 lambda: self.model.net_forward(x, sigma, self.data.cond_c), tuple(x.shape[-2:]))
-        if kinds and all(k == OTHER for k, _ in kinds.values()):
-            log.warning("DuoLoRA: none of the %d merged layers works at a feature-map size (%s is not a U-Net), so "
-                        "the layer priors do not apply: every rank mask starts at ones and the merge runs on the "
-                        "rank masks and the cycle loss alone", len(kinds), self.model.name)
+        unsized = [n for n, (k, _) in kinds.items() if k == OTHER]
+        if unsized:  # a DiT's layers (all of them), a U-Net's time embedding: by the two LoRAs' weight shares
+            kinds.update(classify_by_weights(unsized, self.content_w, self.style_w))
+            if len(unsized) == len(kinds):
+                log.info("DuoLoRA: %s has no feature-map sizes (not a U-Net); the %d merged layers are classified by "
+                         "the two LoRAs' weight shares (content_blocks / style_blocks override)", self.model.name,
+                         len(kinds))
         return kinds
 
     def target_modules(self) -> dict[str, nn.Module]:

@@ -266,6 +266,34 @@ def test_flux_layers_have_no_feature_map_size_so_no_layer_prior(comfy):
     assert all(kind == (OTHER, None) for kind in kinds.values())
 
 
+def test_duolora_on_flux_classifies_every_layer_by_the_loras_weight_shares(comfy):
+    """Without block patterns a DiT's layers, which have no feature-map size, are classified by the two LoRAs' weight
+    shares: every Flux LoRA module is content or style (none 'other'), the one whose change is relatively larger
+    wins, and the masks start from those priors."""
+    import comfy_tiny
+    from idlora.models.lora import select_targets
+    from idlora.nodes.comfy_adapter import ComfyDiffusion
+    from idlora.training.duolora import CONTENT, STYLE, LoraMerger, MergeConfig, MergeData
+
+    diffusion = ComfyDiffusion(comfy_tiny.tiny_patcher("flux"))
+    g = torch.Generator().manual_seed(5)
+    targets = select_targets(diffusion.denoiser, "flux_attn")
+    content, style = random_lora(targets, 4, None, g), random_lora(targets, 4, None, g)
+    for n in targets:  # content concentrated in the double-stream blocks, style in the single-stream ones
+        boosted = content if n.startswith("double_blocks.") else style
+        boosted[n] = (boosted[n][0] * 4, *boosted[n][1:])
+    cond = comfy_tiny.tiny_flux_cond(1, 0)
+    data = MergeData(torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g), cond, cond, cond)
+    cfg = MergeConfig(steps=1, cached_draws=1)
+    merger = LoraMerger(diffusion, data, cfg, content, style)
+    kinds = {n: k for n, (k, _) in merger.layer_kinds.items()}
+    assert set(kinds) == set(targets) and len(targets) >= 6
+    assert kinds == {n: CONTENT if n.startswith("double_blocks.") else STYLE for n in targets}
+    for n, layer in merger.network.items():
+        share = float((layer.m_c != 0).float().mean())
+        assert share == pytest.approx(cfg.t_content if kinds[n] == CONTENT else cfg.t_style, abs=0.13), n
+
+
 FLUX_CONTENT, FLUX_STYLE = r"^double_blocks\.", r"^single_blocks\."
 
 

@@ -197,3 +197,32 @@ def test_block_patterns_are_checked_when_configured():
                      "final_layer.z": (OTHER, None)}
     with pytest.raises(TrainingInputError, match="matches both"):
         classify_by_name(["blocks.0"], "blocks", r"\.0")
+
+
+def test_weight_share_rule_pins_each_layer_to_the_lora_that_changes_it_more():
+    """classify_by_weights: ||scale * up @ down||_F without the product; each LoRA's norm shares over the layers; a
+    layer is content where the content share >= the style share; a layer one LoRA lacks belongs to the other."""
+    from idlora.training.duolora import CONTENT, STYLE, classify_by_weights, lora_norm
+
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
+    assert lora_norm((down, up, 2.0)) == pytest.approx(float((up @ down).norm()) * 2.0 / 4, rel=1e-5)
+    conv_down, conv_up = torch.randn(4, 3, 3, 3, generator=g), torch.randn(5, 4, 1, 1, generator=g)
+    dense = conv_up.reshape(5, 4) @ conv_down.reshape(4, -1)
+    assert lora_norm((conv_down, conv_up, None)) == pytest.approx(float(dense.norm()), rel=1e-5)
+    assert lora_norm(None) == 0.0
+
+    def lora(scales):
+        return {n: (torch.randn(4, 12, generator=g) * s, torch.randn(10, 4, generator=g), None)
+                for n, s in scales.items()}
+    names = ["double_blocks.0.a", "double_blocks.1.a", "single_blocks.0.a", "single_blocks.1.a"]
+    content = lora({"double_blocks.0.a": 3.0, "double_blocks.1.a": 3.0, "single_blocks.0.a": 0.3,
+                    "single_blocks.1.a": 0.3})
+    # the style LoRA is ten times larger everywhere: shares, not absolute norms, decide
+    style = lora({"double_blocks.0.a": 3.0, "double_blocks.1.a": 3.0, "single_blocks.0.a": 30.0,
+                  "single_blocks.1.a": 30.0})
+    kinds = classify_by_weights(names, content, style)
+    assert kinds == {n: (CONTENT if n.startswith("double") else STYLE, None) for n in names}
+    del content["single_blocks.1.a"], style["double_blocks.0.a"]
+    kinds = classify_by_weights(names, content, style)
+    assert kinds["single_blocks.1.a"] == (STYLE, None) and kinds["double_blocks.0.a"] == (CONTENT, None)

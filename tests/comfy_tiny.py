@@ -177,20 +177,23 @@ def sdxl_adm(patcher, pooled: torch.Tensor, width: int = 64, height: int = 64, c
     )
 
 
-def tiny_vae(seed: int = 0):
-    """Tiny KL VAE (comfy.sd.VAE): 8x spatial scaling, 4 latent channels, ~0.37 M params.
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """Tiny KL VAE (comfy.sd.VAE): 8x spatial scaling, 4 latent channels (16: the Flux / SD3 VAE's), ~0.37 M params.
 
-    ``vae.encode(images (B, H, W, 3) in [0, 1]) -> (B, 4, H/8, W/8)``; ``vae.decode`` the reverse.
+    ``vae.encode(images (B, H, W, 3) in [0, 1]) -> (B, C, H/8, W/8)``; ``vae.decode`` the reverse.
     """
     import comfy.ldm.models.autoencoder
     import comfy.sd
 
+    params = TINY_VAE_CONFIG["params"]
+    ddconfig = {**params["ddconfig"], "z_channels": latent_channels}
+    config = {"params": {"embed_dim": latent_channels, "ddconfig": ddconfig}}
     with torch.device("meta"):
         meta = comfy.ldm.models.autoencoder.AutoencoderKL(
-            embed_dim=TINY_VAE_CONFIG["params"]["embed_dim"], ddconfig=dict(TINY_VAE_CONFIG["params"]["ddconfig"])
+            embed_dim=latent_channels, ddconfig=dict(config["params"]["ddconfig"])
         )
     sd = seeded_state_dict(meta, seed)
-    return comfy.sd.VAE(sd=sd, config=TINY_VAE_CONFIG, device=CPU, dtype=torch.float32)
+    return comfy.sd.VAE(sd=sd, config=config, device=CPU, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- forward

@@ -28,8 +28,10 @@ def taef1(comfy, tmp_path):
     folder_paths.folder_names_and_paths["vae_approx"][0].remove(str(tmp_path))
 
 
-@pytest.mark.parametrize("face_region", [True, False], ids=["face_window", "whole_image"])
-def test_identity_gradients_reach_flux_lora_through_flow_x0_taef1_crop_and_backbone(taef1, face_region):
+@pytest.mark.parametrize("decoder,face_region", [("taesd", True), ("taesd", False), ("vae", True)],
+                         ids=["taef1_face_window", "taef1_whole_image", "vae16_face_window"])
+def test_identity_gradients_reach_flux_lora_through_flow_x0_decode_crop_and_backbone(taef1, decoder, face_region):
+    """Through TAEF1 or a 16-channel KL VAE (the Flux VAE's architecture, tiny, seeded) with Flux's latent format."""
     import comfy_tiny
     from idlora.nodes.comfy_adapter import ComfyDiffusion
     from idlora.training.identity_loss import IdentityConfig, IdentityLoss
@@ -39,14 +41,15 @@ def test_identity_gradients_reach_flux_lora_through_flow_x0_taef1_crop_and_backb
     image = face_photo()
     lms = landmarks_of(image)
     arc = backbone()
-    model = ComfyDiffusion(comfy_tiny.tiny_patcher("flux"))
+    vae = comfy_tiny.tiny_vae(2, latent_channels=16) if decoder == "vae" else None
+    model = ComfyDiffusion(comfy_tiny.tiny_patcher("flux"), vae=vae)
     assert model.prediction_type == "flow"
     latent_hw = (SIZE // 8, SIZE // 8)
     data = TrainData(torch.randn(1, 16, *latent_hw, generator=torch.Generator().manual_seed(0)),
                      comfy_tiny.tiny_flux_cond(1, 0), ["a photo of [c] person"])
-    config = IdentityConfig(weight=1.0, timestep_range=(0.0, 1.0), decoder="taesd", face_region=face_region)
+    config = IdentityConfig(weight=1.0, timestep_range=(0.0, 1.0), decoder=decoder, face_region=face_region)
     refs = IdentityLoss.reference_embeddings(arc.embed, image.movedim(-1, 1), lms, 112)
-    identity = IdentityLoss(model.decoder("taesd"), arc.embed, 112, lms, refs, latent_hw, config)
+    identity = IdentityLoss(model.decoder(decoder), arc.embed, 112, lms, refs, latent_hw, config)
     trainer = IdentityContentTrainer(model, data, X0TrainConfig(steps=2, learning_rate=1e-3, rank=4, seed=1,
                                                                 x0_start_step=0, targets="flux_attn"), identity)
     with trainer.session():

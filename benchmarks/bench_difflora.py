@@ -3,7 +3,7 @@
 against DDIM steps, and LAE reconstruction on a trained LoRA population.
 
     python benchmarks/bench_difflora.py [--quick] [--parts personalize,compression,steps,reconstruction]
-                                        [--model sd15|tiny|both] [--res 256] [--rank 1] [--ddim 100]
+                                        [--model sd15,flux|sd15|flux|tiny|both] [--res 256] [--rank 1] [--ddim 100]
                                         [--ddim-steps 10,25,50,100,250] [--repeats 3] [--paper-dit]
                                         [--device cpu|cuda] [--out PATH]
 
@@ -15,7 +15,9 @@ LoRAs they produce. Part 4 trains real (small) models for that.
 
 Part 1, personalization time, face -> LoRA applied to a ComfyUI MODEL, on one U-Net: the full SD1.5 U-Net with
 seeded random weights (ComfyUI's SD15 model, bench_lora's _comfy_patcher; `--model tiny` or --quick: the tiny SD1.5
-U-Net of tools/tiny_checkpoint.py). All three methods produce a rank-r (`--rank`, default 1, Meta-LoRA's r2) LoRA
+U-Net of tools/tiny_checkpoint.py), and (`--model` default sd15,flux) on bench_lora's reduced Flux-dev (Flux-dev's
+width 3072 with 2 double + 4 single blocks, seeded random weights, `flux_attn` targets, a (1, 64, 4096) context and
+a (1, 768) pooled vector). All three methods produce a rank-r (`--rank`, default 1, Meta-LoRA's r2) LoRA
 on the `attn` targets of that U-Net and end with the same apply: nodes/comfy_adapter.apply_lora (the patched clone of
 the MODEL) plus comfy.model_management.load_models_gpu on it, which is what ComfyUI runs before the first denoising
 step of the next image and computes every patched weight W + scale * up @ down (checked afterwards on one layer
@@ -95,8 +97,8 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
-    run_child, timed_steps,
-    ALLOC_ENV, CONTENDED, FULL_UNETS, ROOT, SEED, THREADS, _comfy_patcher, _inputs,
+    run_child, timed_steps, _flux_inputs,
+    ALLOC_ENV, CONTENDED, FLUX_DIT, FLUX_TOKENS, FULL_UNETS, ROOT, SEED, THREADS, _comfy_patcher, _inputs,
     _proc_status_mb, _setup_comfy, add_run_args, cpu_model,
     matmul_peak_gflops, report_failures, spawn, summarize, write_results,
 )
@@ -107,6 +109,11 @@ from bench_meta_lora import (  # noqa: E402  (Meta-LoRA's step counts, pack impo
 RESULTS = ROOT / "benchmarks" / "results" / "bench_difflora.md"
 PARTS = ("personalize", "compression", "steps", "reconstruction")
 TARGETS = "attn"
+FLUX_TARGETS = "flux_attn"            # part 1 on Flux: the LoRA targets of IDLoRA's Flux workflows
+
+
+def _targets(model: str) -> str:
+    return FLUX_TARGETS if model == "flux" else TARGETS
 PAPER_DDIM = 100                      # DiffLoRA Sec. 4.1: 100 DDIM steps at inference
 PAPER_DIT = dict(hidden=1454, depth=16, heads=2)   # Sec. 4.1: "a 16-layer DiT model with 1454 dimensions"
 DEFAULT_DIT = dict(hidden=256, depth=6, heads=4)   # DiTTrainConfig's defaults
@@ -138,20 +145,21 @@ def _meta_unet(family: str):
         return UNetModel(**dict(cfg), device="meta", operations=comfy.ops.disable_weight_init)
 
 
-def _attn_layout(denoiser, rank: int):
-    """The LoraLayout of a rank-r LoRA on the denoiser's `attn` targets (LoraLayout.of on meta-device factors)."""
+def _attn_layout(denoiser, rank: int, targets_preset: str = TARGETS):
+    """The LoraLayout of a rank-r LoRA on the denoiser's `attn` (or other) targets (LoraLayout.of on meta-device
+    factors)."""
     import torch
     from idlora.models.lora import select_targets
     from idlora.training.lora_format import LoraWeight
     from idlora.training.lora_vector import LoraLayout
 
-    targets = select_targets(denoiser, TARGETS)
+    targets = select_targets(denoiser, targets_preset)
     return LoraLayout.of({n: LoraWeight(torch.empty(rank, m.weight.shape[1], device="meta"),
                                         torch.empty(m.weight.shape[0], rank, device="meta"), float(rank))
                           for n, m in targets.items()})
 
 
-def _random_difflora(layout, dit: dict, seed: int, device: str = "cpu"):
+def _random_difflora(layout, dit: dict, seed: int, device: str = "cpu", base_model: str = "sd15"):
     """A DiffLora for ``layout`` with seeded random weights: LAE of LaeTrainConfig's defaults, DiT of ``dit``."""
     import torch
     from idlora.models.dit import DiTConfig, LoraDiT
@@ -170,7 +178,7 @@ def _random_difflora(layout, dit: dict, seed: int, device: str = "cpu"):
         for p in net.parameters():
             if not p.any():  # adaLN-Zero modulations and the output layer: zero at init
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    model = DiffLora(layout, lae, net, 1.0, schedule_of(DiTTrainConfig()), {"base_model": "sd15", "targets": TARGETS})
+    model = DiffLora(layout, lae, net, 1.0, schedule_of(DiTTrainConfig()), {"base_model": base_model, "targets": _targets(base_model)})
     return model.to(device).eval()
 
 
@@ -243,8 +251,8 @@ def run_difflora(spec: dict) -> dict:
         mm.load_models_gpu([patcher], force_full_load=True)
         build_s = time.perf_counter() - t0
         rss_model = _proc_status_mb("VmRSS")
-        layout = _attn_layout(patcher.model.diffusion_model, spec["rank"])
-        dl = _random_difflora(layout, spec["dit"], SEED)
+        layout = _attn_layout(patcher.model.diffusion_model, spec["rank"], _targets(spec["model"]))
+        dl = _random_difflora(layout, spec["dit"], SEED, base_model=spec["model"])
         face, image = _embeddings(SEED + 2)
         apply = _Apply(patcher, layout.layers[0].name)
         rss_start = _proc_status_mb("VmRSS")
@@ -302,16 +310,21 @@ def run_trainer(spec: dict) -> dict:
 
         patcher = _comfy_patcher(spec["model"], SEED)
         model = ComfyDiffusion(patcher)
-        (x0,), ctx = _inputs(spec["res"], SEED)
-        data = CropData([x0.to(model.device)], [{"context": ctx.to(model.device)}])
+        if spec["model"] == "flux":
+            (x0,), ctx, pooled = _flux_inputs(spec["res"], SEED, FLUX_TOKENS)
+            cond = {"context": ctx, "y": pooled}
+        else:
+            (x0,), ctx = _inputs(spec["res"], SEED)
+            cond = {"context": ctx}
+        data = CropData([x0.to(model.device)], [{k: v.to(model.device) for k, v in cond.items()}])
         n_steps = spec["warmup"] + spec["steps"] + 1
-        common = dict(steps=n_steps, learning_rate=1e-4, rank=spec["rank"], targets=TARGETS, seed=SEED,
-                      precision="fp32", batch_size=1)
+        common = dict(steps=n_steps, learning_rate=1e-4, rank=spec["rank"], targets=_targets(spec["model"]),
+                      seed=SEED, precision="fp32", batch_size=1)
         w0 = time.perf_counter()
         if spec["method"] == "lora":
             trainer = LoraTrainer(model, data, LoraTrainConfig(**common))
         else:
-            targets = select_targets(model.denoiser, TARGETS)
+            targets = select_targets(model.denoiser, _targets(spec["model"]))
             meta = {"idlora_base_model": model.name, "idlora_r1": str(spec["r1"])}
             trainer = MetaLoraPersonalizer(model, data, MetaStage2Config(**common),
                                            _random_meta_down(targets, spec["r1"]), meta)
@@ -775,8 +788,10 @@ def parse_args(argv=None):
                         "timings then say nothing")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     g = p.add_argument_group("part 1: personalization time")
-    g.add_argument("--model", choices=["sd15", "tiny", "both"], default="sd15",
-                   help="U-Net: the full SD1.5 (default) or the tiny SD1.5 of tools/tiny_checkpoint.py (--quick)")
+    g.add_argument("--model", default="sd15,flux",
+                   help="denoisers, comma-separated: sd15 (the full SD1.5 U-Net), flux (bench_lora's reduced "
+                        "Flux-dev: full width, 2 double + 4 single blocks), tiny (tools/tiny_checkpoint.py's SD1.5, "
+                        "--quick), both (= tiny,sd15); default sd15,flux")
     g.add_argument("--res", type=int, default=256,
                    help="training image size in pixels (latent = res/8); 256 keeps the CPU run short")
     g.add_argument("--rank", type=int, default=1, help="LoRA rank of every method (Meta-LoRA's r2)")
@@ -869,7 +884,9 @@ def main(argv=None) -> int:
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
     peak = matmul_peak_gflops()
-    models = ["tiny", "sd15"] if a.model == "both" else [a.model]
+    models = ["tiny", "sd15"] if a.model == "both" else [m.strip() for m in a.model.split(",") if m.strip()]
+    if not models or set(models) - {"tiny", "sd15", "flux"}:
+        raise SystemExit(f"error: --model {a.model!r}: use sd15, tiny, flux, a comma-separated list of them, or both")
     dit = QUICK_DIT if a.quick else DEFAULT_DIT
     header = [
         f"date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
@@ -903,7 +920,7 @@ def main(argv=None) -> int:
             # not retried on a low CPU/wall: detection (onnxruntime threads) and preprocessing are not torch's 2
             emb = note("embedding", summarize_embed(_spawn(spec, "embed", a, logs)), cpu_bound=False)
         md += ["## 1. Personalization time: face -> LoRA applied to the MODEL", "",
-               f"Rank-{a.rank} LoRAs on the `{TARGETS}` targets; every method ends with apply_lora + load_models_gpu "
+               f"Rank-{a.rank} LoRAs on the `{TARGETS}` targets (`{FLUX_TARGETS}` on Flux); every method ends with apply_lora + load_models_gpu "
                f"on the ComfyUI MODEL (the patched weights computed, checked on one layer). DiffLoRA's DiT and LAE "
                f"have random weights (timing only), conditioned on random 512-number face and CLIP embeddings; "
                f"Meta-LoRA stage 2 and plain LoRA times are the measured median step time x the Meta-LoRA paper's "
@@ -911,7 +928,10 @@ def main(argv=None) -> int:
                f"The paper's DiT is {PAPER_DIT['hidden']} x {PAPER_DIT['depth']}"
                + ("" if a.paper_dit else " (not timed here: --paper-dit)") + ".", ""]
         for m in models:
-            label = "full SD1.5 U-Net (seeded random weights)" if m == "sd15" else "tiny SD1.5 U-Net"
+            label = {"sd15": "full SD1.5 U-Net (seeded random weights)", "tiny": "tiny SD1.5 U-Net",
+                     "flux": f"NOT Flux-dev but its width ({FLUX_DIT['hidden_size']}) with {FLUX_DIT['depth']} double + "
+                             f"{FLUX_DIT['depth_single_blocks']} single blocks (seeded random weights), `{FLUX_TARGETS}`, "
+                             f"{a.res} px, context (1, {FLUX_TOKENS}, 4096)"}[m]
             dits = [dit] + ([PAPER_DIT] if a.paper_dit else [])
             dl_rows = []
             for d in dits:

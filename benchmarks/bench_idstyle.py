@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Identity-loss benchmark: what the identity term of IDLoRA's identity-preserving stylization costs per step.
 
-    python benchmarks/bench_idstyle.py [--res 256] [--steps 3] [--warmup 1]
+    python benchmarks/bench_idstyle.py [--model sd15|flux] [--res 256] [--steps 3] [--warmup 1]
                                        [--rows all|plain,x0,vae,vae_face,taesd,taesd_face]
                                        [--presets | --no-presets] [--rank 16] [--out PATH]
 
@@ -24,6 +24,13 @@ seeded random weights, 112 px crops; the reference embedding comes from Identity
 is ComfyUI's AutoencoderKL with SD1.5's ddconfig, seeded random weights, wrapped in a comfy.sd.VAE; the TAESD
 decoder has seeded random weights and is read from the run's own vae_approx folder. Both decoders are built by
 ComfyDiffusion.decoder(kind), the path a real job takes.
+
+--model flux runs the same rows on bench_lora's reduced Flux-dev (Flux-dev's width 3072 with 2 double + 4 single
+blocks, seeded random weights, ComfyUI's Flux model class), LoRA on "flux_attn", a 16-channel latent, a (1, 64, 4096)
+context and a (1, 768) pooled vector; the x0 estimate is the flow one (x_t - sigma v). The decoders are the Flux
+VAE's (ComfyUI's AutoencodingEngine with SD's ddconfig and 16 latent channels, no quant convs: what comfy.sd.VAE
+builds from a Flux ae.safetensors; seeded random weights) and TAEF1 (the taef1_decoder file, 16 channels). The goal
+for Flux: at most 1.3x a plain step with TAEF1 or the face window. Results go to bench_idstyle_flux.md.
 
 A second table measures the SD1.5 block presets of training/idstyle.BLOCK_PRESETS: the content LoRA's trainable
 parameters and the x0 step's cost with that preset's content targets (no identity term). With random weights
@@ -51,17 +58,19 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
-    run_child, timed_steps,
-    ALLOC_ENV, CONTENDED, CONTEXT_DIM, LEARNING_RATE, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _fill_seeded,
+    run_child, timed_steps, _flux_inputs,
+    ALLOC_ENV, FLUX_DIT, FLUX_TOKENS, CONTENDED, CONTEXT_DIM, LEARNING_RATE, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _fill_seeded,
     _inputs, _proc_status_mb, _setup_comfy, _setup_paths, cpu_model,
     matmul_peak_gflops, spawn, summarize, add_run_args, report_failures, write_results,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_idstyle.md"
+RESULTS_FLUX = ROOT / "benchmarks" / "results" / "bench_idstyle_flux.md"
 PHOTO = ROOT / "tests" / "assets" / "faces" / "obama.jpg"
 CROP_SIZE = 112
 ID_WEIGHT = 0.1
 GOAL = 1.5            # the issue's goal: an identity step at most 1.5x a plain LoRA step
+GOAL_FLUX = 1.3       # issue 16's goal on Flux, with TAEF1 or the face window
 NAIVE_REPORTED = 3.9  # what the issue reports for the naive full-VAE path, for comparison only
 
 # SD1.x's VAE (ComfyUI's default SD ddconfig in comfy.sd.VAE; embed_dim 4).
@@ -129,38 +138,47 @@ def window_note(window, res: int) -> str:
 # child side: one training run, in its own process
 # =====================================================================================================
 
-def _random_vae(seed: int):
-    """A comfy.sd.VAE holding ComfyUI's AutoencoderKL with SD1.5's ddconfig and seeded random weights."""
+def _random_vae(seed: int, flux: bool = False):
+    """A comfy.sd.VAE holding ComfyUI's AutoencoderKL with SD1.5's ddconfig and seeded random weights; for Flux the
+    AutoencodingEngine with 16 latent channels and no quant convs that comfy.sd.VAE builds from ae.safetensors."""
     import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.models.autoencoder import AutoencoderKL, AutoencodingEngine
 
-    ae = AutoencoderKL(ddconfig=dict(SD15_DDCONFIG), embed_dim=4)
+    if flux:
+        ddconfig = dict(SD15_DDCONFIG, z_channels=16)
+        ae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    else:
+        ae = AutoencoderKL(ddconfig=dict(SD15_DDCONFIG), embed_dim=4)
     if any(True for _ in ae.buffers()):
-        raise RuntimeError("AutoencoderKL has buffers, which the seeded fill leaves uninitialised")
+        raise RuntimeError(f"{type(ae).__name__} has buffers, which the seeded fill leaves uninitialised")
     _fill_seeded(ae, seed, prefix="first_stage_model.")
     sd = ae.state_dict()
+    expected = type(ae)
     del ae
     vae = comfy.sd.VAE(sd=sd)
     got = vae.first_stage_model
-    if type(got) is not AutoencoderKL or set(got.state_dict()) != set(sd):
-        raise RuntimeError(f"comfy.sd.VAE built {type(got).__name__} from the seeded SD1.5 VAE weights, "
-                           f"not AutoencoderKL with the same keys")
+    if type(got) is not expected or set(got.state_dict()) != set(sd) or vae.latent_channels != (16 if flux else 4):
+        raise RuntimeError(f"comfy.sd.VAE built {type(got).__name__} ({vae.latent_channels} latent channels) from the "
+                           f"seeded VAE weights, not {expected.__name__} with the same keys")
     return vae
 
 
-def _write_random_taesd(base_dir: Path, seed: int) -> Path:
-    """A TAESD decoder file with seeded random weights in this run's ComfyUI vae_approx folder."""
+def _write_random_taesd(base_dir: Path, seed: int, family: str = "sd15") -> Path:
+    """A TAESD decoder file (TAEF1 for "flux") with seeded random weights in this run's ComfyUI vae_approx folder."""
     import folder_paths
     from safetensors.torch import save_file
     from idlora.models.taesd import TAESD_FILES, TaesdDecoder
 
-    net = TaesdDecoder(4)
+    net = TaesdDecoder(16 if family == "flux" else 4)
     _fill_seeded(net, seed, prefix="taesd_decoder.")
     folder = Path(folder_paths.get_folder_paths("vae_approx")[0])
     if not folder.resolve().is_relative_to(base_dir.resolve()):
         raise RuntimeError(f"ComfyUI's vae_approx folder {folder} is not inside this run's base directory")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (TAESD_FILES["sd15"][0] + ".safetensors")
+    path = folder / (TAESD_FILES[family][0] + ".safetensors")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return path
 
@@ -188,14 +206,19 @@ def run_row(spec: dict) -> dict:
         from idlora.training.lora_trainer import LoraTrainConfig, LoraTrainer, TrainData
 
         kind, dec, res = spec["kind"], spec["decoder"], spec["res"]
+        flux = spec.get("model") == "flux"
         # The decoder's weights first: their transient copies are freed before the U-Net's, and reused.
-        vae = _random_vae(SEED) if dec == "vae" else None
+        vae = _random_vae(SEED, flux) if dec == "vae" else None
         if dec == "taesd":
-            _write_random_taesd(Path(base_dir), SEED)
-        patcher = _comfy_patcher("sd15", SEED)
+            _write_random_taesd(Path(base_dir), SEED, "flux" if flux else "sd15")
+        patcher = _comfy_patcher("flux" if flux else "sd15", SEED)
         model = ComfyDiffusion(patcher, vae=vae)
-        (x0,), ctx = _inputs(res, SEED)
-        data = TrainData(x0, {"context": ctx})
+        if flux:
+            (x0,), ctx, pooled = _flux_inputs(res, SEED, FLUX_TOKENS)
+            data = TrainData(x0, {"context": ctx, "y": pooled})
+        else:
+            (x0,), ctx = _inputs(res, SEED)
+            data = TrainData(x0, {"context": ctx})
         n_steps = spec["warmup"] + spec["steps"] + 1
         common = dict(steps=n_steps, learning_rate=LEARNING_RATE, rank=spec["rank"], targets=spec["targets"],
                       seed=SEED, precision="fp32")
@@ -256,7 +279,7 @@ def _x(a: float, b: float) -> str:
 
 def rows_table(rows: list[tuple[dict, dict]], base: dict | None, res: int) -> str:
     head = ("| row | what | decoded latent | trainable params | s/step (median) | min-max s | GFLOP/step "
-            "| U-Net / decoder / ArcFace / other GFLOP | GFLOP/s | % of mm peak | CPU s / wall s | RSS at start MB "
+            "| denoiser / decoder / ArcFace / other GFLOP | GFLOP/s | % of mm peak | CPU s / wall s | RSS at start MB "
             "| peak RSS MB | time / plain | FLOPs / plain |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     n = res // 8
@@ -301,7 +324,11 @@ def presets_table(rows: list[tuple[dict, dict]]) -> str:
     return "\n".join(lines)
 
 
-def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+def path_names(model: str) -> dict[str, str]:
+    return {k: v.replace("taesd", "TAEF1") if model == "flux" else v for k, v in PATH_NAMES.items()}
+
+
+def ratio_lines(rows: list[tuple[dict, dict]], model: str = "sd15") -> list[str]:
     got = {spec["row"]: r for spec, r in rows if _fmt_ok(r)}
     plain, x0 = got.get("plain"), got.get("x0")
     out = []
@@ -310,7 +337,7 @@ def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
     if x0:
         out.append(f"- content x0 step / plain LoRA step: {x0['s_per_step'] / plain['s_per_step']:.1f}x time, "
                    f"{x0['flops'] / plain['flops']:.1f}x FLOPs")
-    for name, path in PATH_NAMES.items():
+    for name, path in path_names(model).items():
         r = got.get(name)
         if r is None:
             continue
@@ -323,39 +350,49 @@ def ratio_lines(rows: list[tuple[dict, dict]]) -> list[str]:
     return out
 
 
-def goal_lines(rows: list[tuple[dict, dict]]) -> list[str]:
+def goal_lines(rows: list[tuple[dict, dict]], model: str = "sd15") -> list[str]:
     got = {spec["row"]: r for spec, r in rows if _fmt_ok(r)}
     plain = got.get("plain")
-    out = [f"Goal (from the issue): the naive full-VAE path costs about {NAIVE_REPORTED}x a plain LoRA step; with "
-           f"TAESD or the face-region decode an identity step should cost at most {GOAL}x a plain step "
+    flux = model == "flux"
+    goal = GOAL_FLUX if flux else GOAL
+    out = [f"Goal (issue 16, Flux): with TAEF1 or the face-window decode an identity step should cost at most {goal}x "
+           f"a plain step (judged on measured s/step)." if flux else
+           f"Goal (from the issue): the naive full-VAE path costs about {NAIVE_REPORTED}x a plain LoRA step; with "
+           f"TAESD or the face-region decode an identity step should cost at most {goal}x a plain step "
            f"(judged on measured s/step)."]
     if plain is None:
         return out + ["- not judged: the plain LoRA step was not measured or failed"]
-    for name, path in PATH_NAMES.items():
+    for name, path in path_names(model).items():
         r = got.get(name)
         if r is None:
             continue
         t, f = r["s_per_step"] / plain["s_per_step"], r["flops"] / plain["flops"]
         if name == "vae":
-            out.append(f"- naive path ({path}): measured {t:.1f}x time, {f:.1f}x FLOPs (the issue reported about "
-                       f"{NAIVE_REPORTED}x; this path is the reference, not held to the goal)")
+            reported = "" if flux else f" (the issue reported about {NAIVE_REPORTED}x"
+            out.append(f"- naive path ({path}): measured {t:.1f}x time, {f:.1f}x FLOPs{reported}"
+                       f"{'; ' if reported else ' ('}this path is the reference, not held to the goal)")
         else:
-            verdict = "meets the goal" if t <= GOAL else "MISSES the goal"
-            out.append(f"- {path}: {t:.2f}x time (FLOPs {f:.2f}x): {verdict} of <= {GOAL}x")
+            verdict = "meets the goal" if t <= goal else "MISSES the goal"
+            out.append(f"- {path}: {t:.2f}x time (FLOPs {f:.2f}x): {verdict} of <= {goal}x")
     return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["sd15", "flux"], default="sd15",
+                   help="sd15: the full SD1.5 U-Net; flux: bench_lora's reduced Flux-dev (full width, 2 + 4 blocks)")
     p.add_argument("--res", type=int, default=256, help="image size in pixels (latent = res/8)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median over these)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     p.add_argument("--rows", default="all", help=f"'all' or a comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--presets", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the SD1.5 block presets of training/idstyle.BLOCK_PRESETS")
+                   help="also measure the SD1.5 block presets of training/idstyle.BLOCK_PRESETS (sd15 only)")
     p.add_argument("--rank", type=int, default=16)
     add_run_args(p, RESULTS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.model == "flux" and a.out == str(RESULTS):
+        a.out = str(RESULTS_FLUX)
+    return a
 
 
 def main(argv=None) -> int:
@@ -379,6 +416,7 @@ def main(argv=None) -> int:
     from idlora.training.identity_loss import IdentityConfig, face_window
     from idlora.training.idstyle import BLOCK_PRESETS
 
+    flux = a.model == "flux"
     started = _dt.datetime.now(_dt.timezone.utc)
     t_start = time.perf_counter()
     try:
@@ -396,29 +434,34 @@ def main(argv=None) -> int:
         f"({os.cpu_count()} cores visible), torch threads: {THREADS}",
         "allocator (every run): " + " ".join(f"{k}={v}" for k, v in ALLOC_ENV.items()),
         f"fp32 matmul peak (2048^3 torch.mm, median of 5): {peak:.1f} GFLOP/s",
-        f"setup: full SD1.5 U-Net (seeded random weights), fp32, CPU, batch 1, {a.res} px ({a.res // 8}x{a.res // 8} "
-        f"latent), context (1, {TOKENS}, {CONTEXT_DIM}), LoRA rank {a.rank} on 'attn', seed {SEED}, "
-        f"{a.warmup} warm-up + {a.steps} timed steps per run",
+        (f"setup: NOT Flux-dev but its width ({FLUX_DIT['hidden_size']}) with {FLUX_DIT['depth']} double + "
+         f"{FLUX_DIT['depth_single_blocks']} single blocks (seeded random weights), fp32, CPU, batch 1, {a.res} px "
+         f"({a.res // 8}x{a.res // 8} latent, 16 channels), context (1, {FLUX_TOKENS}, 4096), pooled (1, 768), "
+         f"LoRA rank {a.rank} on 'flux_attn', flow x0; decoders: the Flux VAE's architecture (16 channels) and TAEF1, "
+         f"seeded random weights; seed {SEED}, {a.warmup} warm-up + {a.steps} timed steps per run" if flux else
+         f"setup: full SD1.5 U-Net (seeded random weights), fp32, CPU, batch 1, {a.res} px ({a.res // 8}x{a.res // 8} "
+         f"latent), context (1, {TOKENS}, {CONTEXT_DIM}), LoRA rank {a.rank} on 'attn', seed {SEED}, "
+         f"{a.warmup} warm-up + {a.steps} timed steps per run"),
         f"identity term: IdentityConfig(weight={ID_WEIGHT}, every=1, timestep_range=(0, 1)): applied on every step; "
         f"ArcFace IResNet-50 (seeded random weights), {CROP_SIZE} px crops",
         face_line,
     ]
     print("\n".join(header), flush=True)
 
-    base = dict(res=a.res, rank=a.rank, steps=a.steps, warmup=a.warmup)
+    base = dict(res=a.res, rank=a.rank, steps=a.steps, warmup=a.warmup, model=a.model)
     plan = []
     for name in rows:
         kind, dec, face, what = ROWS[name]
-        plan.append(dict(base, table="rows", row=name, what=what, kind=kind, decoder=dec, face_region=face,
-                         targets="attn"))
-    presets = [p for p in BLOCK_PRESETS if _applies_to_sd15(p)] if a.presets else []
+        plan.append(dict(base, table="rows", row=name, what=what.replace("TAESD", "TAEF1") if flux else what,
+                         kind=kind, decoder=dec, face_region=face, targets="flux_attn" if flux else "attn"))
+    presets = [p for p in BLOCK_PRESETS if _applies_to_sd15(p)] if a.presets and not flux else []
     for name in presets:
         plan.append(dict(base, table="presets", row=f"preset {name}", preset=name, what=BLOCK_PRESETS[name][2],
                          kind="x0", decoder=None, face_region=False, targets=BLOCK_PRESETS[name][0]))
 
     def key(spec: dict) -> str:  # what a run measures; equal keys are one run
         return json.dumps({k: spec[k] for k in ("res", "rank", "steps", "warmup", "kind", "decoder", "face_region",
-                                                 "targets")}, sort_keys=True)
+                                                 "targets", "model")}, sort_keys=True)
 
     logs = Path(tempfile.mkdtemp(prefix="bench_idstyle_logs_"))
     done: dict[str, dict] = {}
@@ -463,7 +506,7 @@ def main(argv=None) -> int:
     plain = next((r for s, r in main_rows if s["row"] == "plain" and r.get("ok")), None)
     tab = rows_table(main_rows, plain, a.res) if main_rows else ""
     ptab = presets_table(preset_rows) if preset_rows else ""
-    rat, goal = ratio_lines(main_rows), goal_lines(main_rows)
+    rat, goal = ratio_lines(main_rows, a.model), goal_lines(main_rows, a.model)
     contended = [s["row"] for s, r in results if r.get("ok") and r["cpu_per_wall"] < CONTENDED * THREADS]
     failed = [(s["row"], r) for s, r in results if not r.get("ok")]
     notes = [f"benchmark wall time: {wall:.0f} s; 1-min load average before/after each run: "
@@ -474,7 +517,7 @@ def main(argv=None) -> int:
     legend = (
         "s/step: median wall time of one training step (sample noise/timestep, forward, loss incl. the identity "
         "term, backward, optimizer step) over the timed steps. GFLOP/step: one further step counted by "
-        "torch.utils.flop_counter.FlopCounterMode, split by top-level module: the U-Net with its LoRA, the decoder "
+        "torch.utils.flop_counter.FlopCounterMode, split by top-level module: the denoiser (U-Net or DiT) with its LoRA, the decoder "
         "(forward + backward to its input: its weights are frozen), the ArcFace backbone (the same), and the rest. "
         "decoded latent: the latent window the identity loss decodes (face window: the aligned 112 px crop's "
         "footprint plus the margin). % of mm peak: achieved GFLOP/s over the matmul peak above. CPU s / wall s: "
@@ -484,7 +527,7 @@ def main(argv=None) -> int:
     preset_note = ("Block presets: the content LoRA of each SD1.5 preset of training/idstyle.BLOCK_PRESETS, timed with "
                    "the x0 loss and no identity term. Only the cost is measured: the weights are random, so what a "
                    "preset does to identity or style cannot be measured here.")
-    md = ["# Identity-loss step cost", ""] + [f"- {h}" for h in header] + [""]
+    md = ["# Identity-loss step cost" + (" on Flux (reduced depth, random weights)" if flux else ""), ""] + [f"- {h}" for h in header] + [""]
     if tab:
         md += ["## Rows", "", tab, "", "Ratios:", ""] + rat + [""] + goal[:1] + [""] + goal[1:] + [""]
     if ptab:

@@ -31,7 +31,8 @@ outside S shows what the prior costs when its premise fails. The default targets
 report measures why the attention layers of a random-weight tiny denoiser make a poor test (`--targets attn`).
 
 Part 2, seconds per step: a stage-2 step (Mid + Up, Meta-Down frozen) against a plain LoRA step of the same r2, on
-the tiny denoiser and (`--sd15`, default on) on the full SD1.5 U-Net with seeded random weights (ComfyUI's SD15
+the tiny denoiser, (`--flux`, default on) on bench_lora's reduced Flux-dev at the paper's r1 128, r2 1, lr 4e-4,
+and (`--sd15`, default on) on the full SD1.5 U-Net with seeded random weights (ComfyUI's SD15
 model through nodes/comfy_adapter.ComfyDiffusion, built with bench_lora's helpers), each run in its own subprocess
 under bench_lora's allocator settings and torch.set_num_threads(2); median seconds per step after the warm-up and
 the FLOPs of one more step. The step uses the trainers' own noise-prediction loss; the Meta-Down is random.
@@ -68,8 +69,8 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from bench_lora import (  # noqa: E402  (the house helpers: child set-up, models, spawning, summaries)
-    run_child, timed_steps,
-    ALLOC_ENV, CONTENDED, CONTEXT_DIM, FULL_SD15_UNET, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
+    run_child, timed_steps, _flux_inputs,
+    ALLOC_ENV, CONTENDED, CONTEXT_DIM, FLUX_DIT, FLUX_TOKENS, FULL_SD15_UNET, ROOT, SEED, THREADS, TOKENS, _comfy_patcher, _inputs,
     _proc_status_mb, _setup_comfy, _setup_paths, cpu_model,
     matmul_peak_gflops, spawn, summarize, write_results,
 )
@@ -636,7 +637,7 @@ def run_speed(spec: dict) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="bench_comfy_") as base_dir:
-        if spec["model"] == "sd15":
+        if spec["model"] in ("sd15", "flux"):
             _setup_comfy(base_dir)
         _import_idlora()
         from idlora.models.lora import select_targets
@@ -647,13 +648,18 @@ def run_speed(spec: dict) -> dict:
             from idlora.nodes.comfy_adapter import ComfyDiffusion
             model = ComfyDiffusion(_comfy_patcher("sd15", SEED))
             (x0,), ctx = _inputs(spec["res"], SEED)
+        elif spec["model"] == "flux":
+            from idlora.nodes.comfy_adapter import ComfyDiffusion
+            model = ComfyDiffusion(_comfy_patcher("flux", SEED))
+            (x0,), ctx, pooled = _flux_inputs(spec["res"], SEED, FLUX_TOKENS)
         else:
             cfg = TaskConfig(**{k: spec[k] for k in ("dim", "ctx_dim", "depth")})
             model = _tiny_model(cfg, SEED)
             g = torch.Generator().manual_seed(SEED)
             x0 = torch.randn(1, 4, spec["latent"], spec["latent"], generator=g)
             ctx = model.encode_prompts(["a photo of sks person"], 8 * spec["latent"], 8 * spec["latent"])["context"]
-        data = CropData([x0.to(model.device)], [{"context": ctx.to(model.device)}])
+        cond = {"context": ctx} if spec["model"] != "flux" else {"context": ctx, "y": pooled}
+        data = CropData([x0.to(model.device)], [{k: v.to(model.device) for k, v in cond.items()}])
         n_steps = spec["warmup"] + spec["steps"] + 1
         common = dict(steps=n_steps, learning_rate=spec["lr"], rank=spec["r2"], targets=spec["targets"], seed=SEED,
                       precision="fp32", batch_size=1)
@@ -831,7 +837,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("part 2: seconds per step")
     g.add_argument("--sd15", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the full SD1.5 U-Net (seeded random weights, ~1-2 GB and minutes per run)")
-    g.add_argument("--res", type=int, default=256, help="SD1.5 image size in pixels (latent = res/8)")
+    g.add_argument("--flux", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the reduced Flux-dev (Flux-dev's width, 2 double + 4 single blocks, random "
+                        "weights) at the paper's r1 128, r2 1, lr 4e-4, flux_attn")
+    g.add_argument("--res", type=int, default=256, help="SD1.5 / Flux image size in pixels (latent = res/8)")
     g.add_argument("--sd15-r1", type=int, default=128, help="Meta-Down rank for the SD1.5 runs and part 3")
     g.add_argument("--speed-steps", type=int, default=30, help="timed steps, tiny denoiser")
     g.add_argument("--speed-warmup", type=int, default=5, help="warm-up steps, tiny denoiser")
@@ -846,7 +855,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         for name, value in (("stage1_steps", 1500), ("test_ids", 2), ("steps", 300), ("lr_sweep", ""),
-                            ("sd15", False), ("speed_steps", 15), ("speed_warmup", 3)):
+                            ("sd15", False), ("flux", False), ("speed_steps", 15), ("speed_warmup", 3)):
             if getattr(a, name) == p.get_default(name):
                 setattr(a, name, value)
     return a
@@ -948,6 +957,11 @@ def main(argv=None) -> int:
             sd = dict(part="speed", model="sd15", label=f"SD1.5 U-Net, {a.res} px", targets="attn", r1=a.sd15_r1,
                       r2=cfg.r2, lr=cfg.lr, res=a.res, steps=a.sd15_steps, warmup=a.sd15_warmup)
             plan += [dict(sd, method=m) for m in ("lora", "meta")]
+        if a.flux:  # the paper's model and settings (r1 128, r2 1, lr 4e-4), at reduced depth
+            fx = dict(part="speed", model="flux", label=f"Flux-dev width, {FLUX_DIT['depth']}+"
+                      f"{FLUX_DIT['depth_single_blocks']} blocks, {a.res} px", targets="flux_attn", r1=128, r2=1,
+                      lr=4e-4, res=a.res, steps=a.sd15_steps, warmup=a.sd15_warmup)
+            plan += [dict(fx, method=m) for m in ("lora", "meta")]
         rows = []
         for i, spec in enumerate(plan, 1):
             tag = f"speed_{i:02d}_{spec['model']}_{spec['method']}"
@@ -980,6 +994,10 @@ def main(argv=None) -> int:
                  f"4x{cfg.latent}x{cfg.latent}"
                  + (f"; SD1.5: {a.sd15_warmup} warm-up + {a.sd15_steps} timed steps, {a.res // 8}x{a.res // 8} "
                     f"latent, context (1, {TOKENS}, {CONTEXT_DIM})" if a.sd15 else "")
+                 + (f"; Flux: NOT Flux-dev but its width ({FLUX_DIT['hidden_size']}) with {FLUX_DIT['depth']} "
+                    f"double + {FLUX_DIT['depth_single_blocks']} single blocks (seeded random weights, ComfyUI's "
+                    f"Flux), the same steps, 16x{a.res // 8}x{a.res // 8} latent, context (1, {FLUX_TOKENS}, 4096), "
+                    f"pooled (1, 768), the paper's r1 128, r2 1, lr 4e-4" if a.flux else "")
                  + f". fp32 matmul peak (2048^3 torch.mm, median of 5): {peak:.1f} GFLOP/s.")
         md += ["## 2. Seconds per step", "", setup, ""] + tab + [""] + ratios + [""] + warn + [""] * bool(warn)
         print("\n".join(tab))

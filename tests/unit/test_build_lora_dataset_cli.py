@@ -186,3 +186,34 @@ def test_the_built_dataset_trains_the_lae_and_the_dit(built, tmp_path):
     assert model.meta["embedders"] == pop.entries[0]["embedders"] and model.meta["base_model"] == "sd15"
     lora = model.sample(pop.face[0][:1], pop.image[0][:1], steps=3, seed=0)[0]
     assert set(lora) == set(pop.bundles["id0"].weights)
+
+
+def test_a_flux_dataset_builds_and_trains_a_difflora_that_samples_flux_loras(data, tmp_path):
+    """DiffLoRA on Flux end to end: the builder on the tiny Flux-dev (text encoder from --clip, flux_attn targets),
+    then the LAE and the DiT on that population; the sampled LoRA has the Flux layout of the built ones."""
+    flux, clip_l = os.environ.get("IDLORA_TINY_FLUX"), os.environ.get("IDLORA_TINY_CLIP_L")
+    if not (flux and clip_l):
+        pytest.fail("IDLORA_TINY_FLUX / IDLORA_TINY_CLIP_L are not set: run the tests with ./idlora test")
+    out = tmp_path / "flux_ds"
+    cmd = args(data, out, "--clip", clip_l, "--targets", "flux_attn")
+    cmd[cmd.index("--checkpoint") + 1] = flux
+    summary(run(cmd, "build, tiny Flux"))
+    pop = load_population(out)
+    assert len(pop.entries) == len(PHOTOS) and {e["base_model"] for e in pop.entries} == {"flux"}
+    names = set(pop.bundles["id0"].weights)
+    assert names and all(n.startswith(("double_blocks.", "single_blocks.")) for n in names)
+
+    def train(*argv: str) -> int:
+        return difflora_train.train(difflora_train.parse_args(list(argv)), 0, 1, torch.device("cpu"), "none")
+
+    small = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "0"]
+    lae, dl = tmp_path / "lae.safetensors", tmp_path / "difflora.safetensors"
+    assert train("lae", "--dataset", str(out), "--out", str(lae), *small, "--patch", "8", "--levels", "2",
+                 "--channels", "16", "--latent-channels", "2", "--heads", "2", "--mlp-hidden", "16") == 0
+    assert train("dit", "--dataset", str(out), "--lae", str(lae), "--out", str(dl), *small, "--hidden", "16",
+                 "--depth", "1", "--heads", "2") == 0
+    model = load_difflora(dl)
+    assert model.meta["base_model"] == "flux" and model.meta["targets"] == "flux_attn"
+    lora = model.sample(pop.face[0][:1], pop.image[0][:1], steps=2, seed=0)[0]
+    assert set(lora) == names
+    assert all(lora[n].down.shape == pop.bundles["id0"].weights[n].down.shape for n in names)

@@ -8,8 +8,8 @@ residual) and a projection to ``latent_channels``. The latent is (latent_channel
 The decoder starts with attention at the latent's length (a middle block and one more attention layer: attention
 runs only where the sequence is short, so an SD-size LoRA of ~10^6 numbers stays affordable), upsamples with
 residual blocks, and ends in a per-patch MLP that turns each position's features back into ``patch`` weights. Compression ratio =
-L / (latent_channels * latent_length): with patch 16, 5 levels and 4 latent channels it is 64x; patch 64 gives
-the paper's ~300x range (256x).
+L / (latent_channels * latent_length): with patch 16, 5 levels and 4 latent channels it is 64x; patch 75 gives
+the paper's ~300x (75 * 16 / 4, less the padding; LaeTrainConfig's "paper" preset).
 
 Inputs are centred on ``weight_mean`` and divided by ``weight_scale`` (the population's mean LoRA and the std
 around it, set by the trainer), so the network sees the identity-specific part at unit scale: LoRAs trained from one

@@ -4,6 +4,7 @@ process or under torchrun. Pure torch: no ComfyUI.
 
     python tools/difflora_train.py lae --dataset DIR --out LAE.safetensors [options]
     python tools/difflora_train.py dit --dataset DIR --lae LAE.safetensors --out DIFFLORA.safetensors [options]
+    python tools/difflora_train.py dit --preset paper ...   (the paper's 16 x 1454 DiT; lae: its ~300x LAE)
     torchrun --standalone --nproc_per_node 2 tools/difflora_train.py dit --dataset ... --lae ... --out ...
 
 DIR is a LoRA dataset folder (<identity>/lora.safetensors, embeddings.safetensors, entry.json), built with
@@ -83,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from pack import import_pack
     import_pack()
     from idlora.training.config import add_flags
+    from idlora.training.difflora import PRESETS
     p = argparse.ArgumentParser(description="DiffLoRA: train the LoRA autoencoder (lae) or the DiT (dit) on a LoRA "
                                             "dataset folder (single process or under torchrun).")
     sub = p.add_subparsers(dest="stage", required=True, metavar="{lae,dit}")
@@ -93,15 +95,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         if stage == "dit":
             s.add_argument("--lae", required=True, help="the LAE file (difflora_train.py lae) trained on this dataset")
         s.add_argument("--out", required=True, help="the file to write (.safetensors)")
-        add_flags(s, config_class(stage), flags(stage))
+        cls = config_class(stage)
+        paper = ", ".join(f"{k} {v:g}" for k, v in cls.preset_settings("paper").items())
+        s.add_argument("--preset", default="small", choices=PRESETS,
+                       help=f"small: the defaults below (a CPU, tens of LoRAs); paper: the paper's sizes and "
+                            f"optimiser ({paper}). Flags given override the preset.")
+        add_flags(s, cls, flags(stage))
+        s.set_defaults(**{dest(flag): None for flag, _, _ in flags(stage)})  # None: not given, the preset's
         s.add_argument("--work", default="", help="folder of the checkpoints and sync log (default: --out's folder)")
         add_loop_flags(s, 100, "the checkpoints in --work", "weights; writes <out stem>.sync.tsv")
     return p.parse_args(argv)
 
 
+def dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def train_config(a: argparse.Namespace):
-    from idlora.training.config import from_flags
-    return from_flags(config_class(a.stage), a, flags(a.stage))
+    """The --preset's config with the flags that were given (a flag not given is None)."""
+    given = {name: v for flag, name, _ in flags(a.stage) if (v := getattr(a, dest(flag))) is not None}
+    return config_class(a.stage).preset(a.preset, **given)
 
 
 # -- paths and checks ---------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ face and image embeddings (Sections 3.2-3.4, 4.1).
 * ``DiffLora``: LAE + DiT + layout in one file; ``sample`` runs DDIM (eta 0: deterministic for a seed; 100 steps
   by default) and decodes to LoRA weights.
 
+Each config has two presets (``PRESETS``, ``LaeTrainConfig.preset("paper")``): "small", the dataclass defaults (a
+6 x 256 DiT and a 64x LAE, for a CPU and tens of LoRAs; LAE lr 1e-3), and "paper", the sizes of Sec. 4.1 (a 16 x 1454
+DiT, an LAE of about 300x compression, lr 2e-5 / batch 4 for the LAE and 1e-4 / 32 for the DiT).
+
 Both trainers run alone, inside a job (``run_in_job``: resume, progress, checkpoints) and under torchrun: every
 process draws its own batches (seed + rank) and gradients are averaged, so the weights stay identical on every
 process. Pure torch: no ComfyUI.
@@ -40,6 +44,7 @@ from .lora_vector import LoraLayout
 
 log = logging.getLogger(__name__)
 KIND_LAE, KIND_DIFFLORA = "lae", "difflora"
+PRESETS = ("small", "paper")  # LaeTrainConfig.preset / DiTTrainConfig.preset: the CPU default, the paper's sizes
 
 
 class DiffLoraFileError(ValueError):
@@ -59,6 +64,38 @@ class NetTrainConfig(TrainingConfig):
     seed: int = 0
 
     _lr_example: ClassVar[str] = "1e-4"  # the learning rate the message of a bad one suggests
+    # the settings each preset fixes ("small": the dataclass defaults, for a CPU and tens of LoRAs)
+    _presets: ClassVar[dict[str, dict]] = {"small": {}}
+
+    @classmethod
+    def preset(cls, name: str = "small", **settings) -> "NetTrainConfig":
+        """The config of preset ``name`` (``PRESETS``); ``settings`` override it (the command line's flags)."""
+        if name not in cls._presets:
+            raise TrainingInputError(f"preset = {name!r} is invalid: use one of {tuple(cls._presets)}")
+        return cls(**{**cls._presets[name], **settings}).validate()
+
+    @classmethod
+    def preset_settings(cls, name: str) -> dict:
+        """The settings preset ``name`` fixes (the rest are the dataclass defaults)."""
+        cls.preset(name)
+        return dict(cls._presets[name])
+
+    @classmethod
+    def from_widgets(cls, name: str, **widgets) -> "NetTrainConfig":
+        """The config of a node: preset ``name`` and the node's widget values. A widget of a setting that the preset
+        fixes must hold the preset's value or the small default (then the preset's value is used); any other value
+        is an error, so that no widget is ignored in silence."""
+        cls.preset(name)  # a bad name fails here
+        fixed, small = cls._presets[name], cls()
+        clash = {k: v for k, v in widgets.items() if k in fixed and v != fixed[k] and v != getattr(small, k)}
+        if clash:
+            raise TrainingInputError(
+                f"preset {name!r} sets {', '.join(f'{k} = {fixed[k]!r}' for k in clash)}, but the widget"
+                f"{'s' if len(clash) > 1 else ''} {', '.join(f'{k} = {v!r}' for k, v in clash.items())} "
+                f"differ{'' if len(clash) > 1 else 's'}: "
+                f"set preset 'small' to train with your own values, or reset "
+                f"{', '.join(f'{k} to {getattr(small, k)!r}' for k in clash)}")
+        return cls.preset(name, **{k: v for k, v in widgets.items() if k not in fixed})
 
     def validate(self) -> "NetTrainConfig":
         self.need(isinstance(self.steps, int) and self.steps >= 1, "steps", "use a whole number >= 1")
@@ -72,7 +109,7 @@ class NetTrainConfig(TrainingConfig):
 @dataclass
 class LaeTrainConfig(NetTrainConfig):
     steps: int = 2000
-    learning_rate: float = 2e-5     # the paper (batch 4); small populations train faster with ~1e-3
+    learning_rate: float = 1e-3     # small: tens of LoRAs on a CPU; the paper (preset "paper"): 2e-5, batch 4
     batch_size: int = 4
     wp_weight: float = 1.0          # 0: reconstruction only (the paper's "No WP Loss" ablation)
     # the LAE's architecture, by default the model config's (models/lae.py)
@@ -84,6 +121,12 @@ class LaeTrainConfig(NetTrainConfig):
     mlp_hidden: int = LaeConfig.mlp_hidden
 
     _lr_example: ClassVar[str] = "2e-5"
+    # the paper (Sec. 4.1): AdamW, lr 2e-5, batch 4, a 5-layer encoder, about 300x compression. Compression =
+    # patch * 2**(levels-1) / latent_channels, less the padding of L to a multiple of patch * 2**(levels-1):
+    # 75 * 16 / 4 = 300. The paper gives no width: channels, heads and the MLP stay the small ones.
+    _presets: ClassVar[dict[str, dict]] = {
+        "small": {},
+        "paper": dict(learning_rate=2e-5, batch_size=4, patch=75, levels=5, latent_channels=4)}
 
     def validate(self) -> "LaeTrainConfig":
         super().validate()
@@ -108,6 +151,15 @@ class DiTTrainConfig(NetTrainConfig):
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.012
+
+    # the paper (Sec. 4.1): "a 16-layer DiT model with 1454 dimensions", AdamW, lr 1e-4, batch 32, 1000 steps of a
+    # linear schedule from 1e-4 to 0.012. It gives no head count: 1454 = 2 x 727 with 727 prime, so the only
+    # choices are 1, 2, 727 or 1454 heads; 2 heads of 727 is the one closest to DiT's usual 64-128 wide heads
+    # (the fused flash-attention kernels take heads up to 256 wide, so attention uses another SDPA kernel).
+    _presets: ClassVar[dict[str, dict]] = {
+        "small": {},
+        "paper": dict(hidden=1454, depth=16, heads=2, mlp_ratio=4.0, learning_rate=1e-4, batch_size=32,
+                      timesteps=1000, beta_start=1e-4, beta_end=0.012)}
 
     def validate(self) -> "DiTTrainConfig":
         super().validate()

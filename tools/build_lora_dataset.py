@@ -21,6 +21,12 @@ embedders) matches: a re-run skips it without loading its images, and when a who
 even load the model. Changed images or settings rebuild just those identities. The checkpoint is loaded with
 ComfyUI in-process (as tools/meta_lora_stage1.py does).
 
+Face filter (the paper keeps the top 85 of 100 images of each identity by InsightFace similarity): --face-keep K
+and / or --face-keep-fraction F drop the images without a face, then keep the K (or F x all, rounded up) images most
+similar to the identity's reference face embedding (--face-reference: 'mean' or a reference image's name). What it
+kept, dropped and scored is in each entry.json, and its settings are part of the identity's hash. --augment adds
+centred square crops at --augment-scales, flipped at random (training/difflora_data.augmented_images).
+
 Face embedders: dlib (built in), arcface-onnx / arcface-torch (the --face-pack recognizer under --face-root, an
 insightface models folder). CLIP image embeddings: an open_clip architecture (--clip-arch; a custom one is
 registered from --clip-config or from <arch>.json next to the checkpoint) with the weights of --clip-checkpoint.
@@ -56,7 +62,18 @@ DATASET_FLAGS = (("--steps", "steps", "steps per identity"),
                  ("--batch-size", "batch_size", "images per step (meta_lora: 1)"),
                  ("--res", "resolution", "training resolution in px (square, a multiple of 8)"),
                  ("--class-word", "class_word", "class word of the prompts ('a photo of sks <class word>')"),
-                 ("--seed", "seed", "one seed for every identity (one coordinate system)"))
+                 ("--seed", "seed", "one seed for every identity (one coordinate system)"),
+                 ("--face-keep", "face_keep", "face filter: keep at most this many images per identity, the most "
+                                              "similar to its reference face (0: no limit; the paper: 85 of 100)"),
+                 ("--face-keep-fraction", "face_keep_fraction", "face filter: keep at most this fraction of each "
+                                                                "identity's images, rounded up (1: no limit)"),
+                 ("--face-reference", "face_reference", "face filter: 'mean' (the normalised mean of the identity's "
+                                                        "face embeddings) or the file name (or stem) of a "
+                                                        "reference image in every identity's folder"),
+                 ("--augment", "augment", "crop / flip augmentation: one centred square crop per --augment-scales "
+                                          "of each kept image, flipped at random (the paper: cropping and "
+                                          "flipping; off by default)"),
+                 ("--augment-flip", "augment_flip", "with --augment: the chance of a horizontal flip per crop"))
 FACE_BACKENDS = ("dlib", "arcface-onnx", "arcface-torch")  # clip-vision / dinov2 need a ComfyUI CLIP_VISION model
 
 
@@ -92,6 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lora: plain LoRA; meta_lora: Meta-LoRA stage 2 on --meta-down (faster)")
     t.add_argument("--meta-down", default="", help="the Meta-Down file (tools/meta_lora_stage1.py) for meta_lora")
     add_flags(t, DatasetConfig, DATASET_FLAGS)
+    scales = DatasetConfig.augment_scales
+    t.add_argument("--augment-scales", type=float, nargs="+", default=scales,
+                   help=f"with --augment: the crop sides as fractions of each image's shorter side (default "
+                        f"{' '.join(f'{v:g}' for v in scales)})")
     p.add_argument("--log-every", type=int, default=50, help="a progress line every N steps")
     add_comfy_flag(p)
     return p.parse_args(argv)
@@ -136,7 +157,8 @@ def dataset_config(a: argparse.Namespace):
     if a.trainer == "meta_lora" and a.meta_down:  # the Meta-Down fixes the layers (as the node records them)
         from idlora.training.meta_lora import load_meta_down
         targets = load_meta_down(a.meta_down)[1].get("idlora_targets", targets)
-    return from_flags(DatasetConfig, a, DATASET_FLAGS, trainer=a.trainer, targets=targets, embedders=embedders)
+    return from_flags(DatasetConfig, a, DATASET_FLAGS, trainer=a.trainer, targets=targets, embedders=embedders,
+                      augment_scales=tuple(a.augment_scales))
 
 
 def hash_inputs(a: argparse.Namespace) -> tuple[str, str]:

@@ -5,9 +5,14 @@ On-disk format (one output folder ``out/``)::
 
     out/<identity>/lora.safetensors        kohya LoRA (save_lora, float32); metadata idlora_method = "lora_dataset",
                                            idlora_identity, idlora_hash, idlora_trainer
-    out/<identity>/embeddings.safetensors  "face" (k_f, Df) and "image" (k, Di), float32
+    out/<identity>/embeddings.safetensors  "face" (k_f, Df) and "image" (k, Di) of the photos trained on, float32
     out/<identity>/entry.json              {"name", "hash", "trainer", "steps", "final_loss", "rank", "targets",
-                                            "base_model", "images", "faces", "files": {"lora", "embeddings"}}
+                                            "base_model", "images", "latents", "faces", "face_filter", ["augment"],
+                                            "files": {"lora", "embeddings"}}
+
+"images" counts the photos trained on, "latents" the training inputs (more with augmentation), "face_filter" what
+the face filter did (select_faces: the images without a face, the reference, k, the kept and dropped files and
+every similarity), "augment" the crops and flips (difflora_data.augmented_images).
     out/manifest.json                      every finished entry, sorted by name (rebuilt by write_manifest)
 
 ``entry.json`` is written last (atomically, like every file here): an identity is finished when its entry exists,
@@ -70,6 +75,17 @@ class DatasetConfig(TrainingConfig):
     # which face / image embedders made the embeddings (recorded in every entry and in the DiffLoRA file, so that
     # sampling can check it uses the same ones; part of the hash: other embedders give other embeddings)
     embedders: dict = field(default_factory=dict)
+    # the face filter (the paper keeps the top 85 of 100 images by InsightFace similarity): on when face_keep > 0
+    # or face_keep_fraction < 1. It drops the images without a face, then keeps the k most similar to the
+    # identity's reference face embedding, k = min(face_keep or all, ceil(face_keep_fraction x images), faces).
+    face_keep: int = 0
+    face_keep_fraction: float = 1.0
+    face_reference: str = "mean"     # "mean": the mean of the identity's unit face embeddings; else an image's name
+    # crop / flip augmentation (the paper: "cropping and flipping"; off by default): each kept image gives one
+    # square crop per scale (side = scale x the image's shorter side, centred), each flipped with augment_flip
+    augment: bool = False
+    augment_scales: tuple[float, ...] = (1.0, 0.9, 0.8)
+    augment_flip: float = 0.5
 
     def train_config(self) -> LoraTrainConfig:
         common = dict(steps=self.steps, learning_rate=self.learning_rate, rank=self.rank, targets=self.targets,
@@ -85,8 +101,41 @@ class DatasetConfig(TrainingConfig):
         need(isinstance(self.seed, int), "seed", "use a whole number")
         need(self.trainer != "meta_lora" or self.batch_size == 1, "batch_size",
              "use 1 with trainer 'meta_lora' (its crops have different sizes)")
+        need(isinstance(self.face_keep, int) and not isinstance(self.face_keep, bool) and self.face_keep >= 0,
+             "face_keep", "use a whole number of images >= 0 (0: no limit; the paper: 85 of 100)")
+        need(isinstance(self.face_keep_fraction, (int, float)) and 0 < self.face_keep_fraction <= 1,
+             "face_keep_fraction", "use a fraction 0 < f <= 1 of each identity's images (1: no limit; the paper: "
+                                   "0.85)")
+        need(isinstance(self.face_reference, str) and self.face_reference.strip() != "", "face_reference",
+             "use 'mean' (the mean face embedding of the identity) or the file name of a reference image")
+        need(self.face_reference == "mean" or self.filters_faces, "face_reference",
+             "a reference image only matters with the face filter: set face_keep > 0 or face_keep_fraction < 1, "
+             "or use 'mean'")
+        need(isinstance(self.augment, bool), "augment", "use true or false")
+        need(isinstance(self.augment_scales, (tuple, list)) and len(self.augment_scales) > 0 and all(
+            isinstance(v, (int, float)) and 0 < v <= 1 for v in self.augment_scales), "augment_scales",
+             "use one or more crop sides as fractions 0 < s <= 1 of the image's shorter side, e.g. (1.0, 0.9, 0.8)")
+        need(isinstance(self.augment_flip, (int, float)) and 0 <= self.augment_flip <= 1, "augment_flip",
+             "use a probability from 0 (never flip) to 1 (always flip), e.g. 0.5")
         self.train_config().validate()
         return self
+
+    @property
+    def filters_faces(self) -> bool:
+        return self.face_keep > 0 or self.face_keep_fraction < 1
+
+    def hashed_settings(self) -> dict:
+        """The settings an identity's hash covers: all of them, less the face filter's while it is off and the
+        augmentation's while it is off (so datasets built before these settings existed keep their hashes, and
+        turning either on, or changing k, rebuilds)."""
+        d = asdict(self)
+        if not self.filters_faces:
+            for k in ("face_keep", "face_keep_fraction", "face_reference"):
+                d.pop(k)
+        if not self.augment:
+            for k in ("augment", "augment_scales", "augment_flip"):
+                d.pop(k)
+        return d
 
 
 def file_sha256(path: str | Path) -> str:
@@ -105,7 +154,7 @@ def identity_hash(files: list[Path], config: DatasetConfig, base_model: str, ext
     h = hashlib.sha256(b"idlora-lora-dataset-v1\0")
     for p in sorted((Path(f) for f in files), key=lambda p: (p.name, str(p))):
         h.update(f"{p.name}\0{file_sha256(p)}\0".encode())
-    h.update(json.dumps(asdict(config), sort_keys=True).encode() + b"\0")
+    h.update(json.dumps(config.hashed_settings(), sort_keys=True).encode() + b"\0")
     h.update(f"{base_model}\0{extra}".encode())
     return h.hexdigest()
 
@@ -113,13 +162,15 @@ def identity_hash(files: list[Path], config: DatasetConfig, base_model: str, ext
 @dataclass
 class IdentityItem:
     """One identity, encoded: latents (k, C, h, w), conditioning (k rows), face embeddings (k_f, Df) of the
-    images in which a face was found, CLIP image embeddings (k, Di)."""
+    images in which a face was found, CLIP image embeddings (k_i, Di), one per photo: k_i = k, or fewer with
+    augmentation (several crops of each photo)."""
     name: str
     hash: str
     latents: torch.Tensor
     cond: Cond
     face: torch.Tensor
     image: torch.Tensor
+    record: dict = field(default_factory=dict)  # the face filter's and augmentation's choices, for entry.json
 
     def validate(self) -> "IdentityItem":
         n = self.name
@@ -132,12 +183,13 @@ class IdentityItem:
                                      f"(k, C, h, w) with k >= 1: give it at least one image")
         k = self.latents.shape[0]
         bad = {key: tuple(v.shape) for key, v in self.cond.items() if v.shape[0] != k}
-        for what, t, rows in (("face", self.face, None), ("image", self.image, k)):
-            if t.ndim != 2 or (rows is not None and t.shape[0] != rows):
+        for what, t, rows in (("face", self.face, None), ("image", self.image, range(1, k + 1))):
+            if t.ndim != 2 or (rows is not None and t.shape[0] not in rows):
                 bad[what] = tuple(t.shape)
         if bad or not self.cond:
             raise TrainingInputError(f"identity {n!r} has {k} latents but shapes {bad or 'no cond'}: cond needs {k} "
-                                     f"rows per tensor, face (k_f, Df) and image ({k}, Di)")
+                                     f"rows per tensor, face (k_f, Df) and image (k_i, Di) with 1 <= k_i <= {k} "
+                                     f"(one per photo)")
         if self.face.shape[0] == 0:
             log.warning("identity %r: no face was found in any of its %d images; its face embedding is empty", n, k)
         return self
@@ -145,11 +197,67 @@ class IdentityItem:
     def to_dict(self) -> dict:
         return {"name": self.name, "hash": self.hash, "latents": self.latents.detach().cpu(),
                 "cond": {k: v.detach().cpu() for k, v in self.cond.items()},
-                "face": self.face.detach().float().cpu(), "image": self.image.detach().float().cpu()}
+                "face": self.face.detach().float().cpu(), "image": self.image.detach().float().cpu(),
+                "record": json.dumps(self.record)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "IdentityItem":
-        return cls(d["name"], d["hash"], d["latents"], d["cond"], d["face"], d["image"])
+        return cls(d["name"], d["hash"], d["latents"], d["cond"], d["face"], d["image"],
+                   json.loads(d.get("record", "{}")))
+
+
+@dataclass
+class FaceSelection:
+    """What the face filter keeps of one identity's images: ``kept`` (indices into its images, in their order),
+    ``face_rows`` (the rows of its face embeddings that belong to kept images) and ``record`` (for entry.json)."""
+    kept: list[int]
+    face_rows: list[int]
+    record: dict
+
+
+def select_faces(identity: str, names: list[str], face: torch.Tensor, found: list[int],
+                 cfg: DatasetConfig) -> FaceSelection:
+    """The face filter of one identity (DatasetConfig.face_keep / face_keep_fraction / face_reference).
+
+    ``names``: its image file names; ``face`` (k_f, D): the face embeddings of the images ``found`` (indices into
+    ``names``, ascending). With the filter off every image is kept. With it on, the images without a face are dropped
+    (and counted), each other image is scored by the cosine similarity of its face embedding to the reference (the
+    normalised mean of the identity's unit face embeddings, or the embedding of the image named ``face_reference``,
+    which competes too, at similarity 1), and the k best are kept (ties: the earlier image), k = min(face_keep or
+    all, ceil(face_keep_fraction x all images), images with a face)."""
+    n, has_face = len(names), set(found)
+    no_face = [names[i] for i in range(n) if i not in has_face]
+    if not cfg.filters_faces:
+        return FaceSelection(list(range(n)), list(range(len(found))),
+                             {"face_filter": {"on": False, "images": n, "no_face": len(no_face)}})
+    if not found:
+        raise TrainingInputError(f"identity {identity!r}: no face was found in any of its {n} images, so the face "
+                                 f"filter has nothing to keep: remove the folder or add photos with a clear face")
+    unit = torch.nn.functional.normalize(face.float(), dim=1)
+    ref = cfg.face_reference
+    if ref == "mean":
+        reference = torch.nn.functional.normalize(unit.mean(0), dim=0)
+    else:
+        hits = [i for i in range(n) if names[i] == ref or Path(names[i]).stem == ref]
+        if len(hits) != 1:
+            raise TrainingInputError(
+                f"identity {identity!r}: face_reference = {ref!r} matches {len(hits)} of its images "
+                f"({[names[i] for i in hits] or names[:5]}): put exactly one image of that name (or stem) in every "
+                f"identity's folder, or use face_reference 'mean'")
+        if hits[0] not in has_face:
+            raise TrainingInputError(f"identity {identity!r}: its reference image {names[hits[0]]!r} shows no face: "
+                                     f"replace it with a photo where the face is clearly visible, or use "
+                                     f"face_reference 'mean'")
+        reference = unit[found.index(hits[0])]
+    sim = (unit @ reference).tolist()
+    k = min(len(found), cfg.face_keep or len(found), max(1, math.ceil(cfg.face_keep_fraction * n - 1e-9)))
+    rows = sorted(sorted(range(len(found)), key=lambda j: (-sim[j], j))[:k])
+    kept, rest = [found[j] for j in rows], sorted(set(range(len(found))) - set(rows))
+    record = {"on": True, "reference": ref, "face_keep": cfg.face_keep, "face_keep_fraction": cfg.face_keep_fraction,
+              "images": n, "no_face": len(no_face), "no_face_files": no_face, "keep": k,
+              "kept": [names[i] for i in kept], "dropped": [names[found[j]] for j in rest],
+              "similarity": {names[i]: round(sim[j], 6) for j, i in enumerate(found)}}
+    return FaceSelection(kept, rows, {"face_filter": record})
 
 
 def check_items(items: list[IdentityItem]) -> list[IdentityItem]:
@@ -267,8 +375,9 @@ def write_identity(out: Path, item: IdentityItem, trainer: LoraTrainer, cfg: Dat
     entry = {"name": item.name, "hash": item.hash, "trainer": cfg.trainer, "steps": trainer.step,
              "final_loss": trainer.losses[-1] if trainer.losses else None, "rank": cfg.rank,
              "targets": bundle.metadata.get("idlora_targets", cfg.targets), "base_model": trainer.model.name,
-             "images": int(item.latents.shape[0]), "faces": int(item.face.shape[0]), "embedders": cfg.embedders,
-             "files": {"lora": LORA, "embeddings": EMBEDDINGS}}
+             "images": int(item.image.shape[0]), "latents": int(item.latents.shape[0]),
+             "faces": int(item.face.shape[0]), "embedders": cfg.embedders,
+             **item.record, "files": {"lora": LORA, "embeddings": EMBEDDINGS}}
     atomic_write_bytes(folder / ENTRY, json.dumps(entry, indent=1).encode())
     return entry
 

@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 from ..models.dit import DiTConfig
 from ..models.lora import PRESETS
+from ..training.difflora import PRESETS as NET_PRESETS
 from ..training.difflora import DiffLora, DiffLoraFileError, DiTTrainConfig, LaeTrainConfig, load_difflora
 from ..training.difflora_data import identity_items, reference_embeddings
 from ..training.difflora_job import DiffLoraTask, LaeTask, population_key
@@ -216,6 +217,26 @@ class BuildLoraDataset(JobNode):
                              tooltip="Images are centre-cropped and resized to this square size (the face and CLIP "
                                      "embeddings are taken from these images too)."),
                 class_word_input(DS.class_word),
+                io.Int.Input("face_keep", default=DS.face_keep, min=0, max=100000,
+                             tooltip="Face filter: keep at most this many images of each identity, those whose face "
+                                     "embedding is most similar to the identity's reference (face_reference); "
+                                     "images without a face are dropped first. 0: no limit. The paper keeps the "
+                                     "top 85 of 100 by InsightFace similarity."),
+                io.Float.Input("face_keep_fraction", default=DS.face_keep_fraction, min=0.01, max=1.0, step=0.01,
+                               tooltip="Face filter: keep at most this fraction of each identity's images, rounded "
+                                       "up (the paper: 0.85). 1: no limit. With face_keep 0 and 1 here, the filter "
+                                       "is off and every image is trained on."),
+                io.String.Input("face_reference", default=DS.face_reference,
+                                tooltip="Face filter: what similarity is measured to. 'mean': the normalised mean "
+                                        "of the identity's face embeddings. Or the file name (or stem) of a "
+                                        "reference image in every identity's folder (the paper: the original photo "
+                                        "the identity's images were generated from)."),
+                io.Boolean.Input("augment", default=DS.augment,
+                                 tooltip=f"Crop / flip augmentation (the paper: cropping and flipping): each kept "
+                                         f"image gives a centred square crop of "
+                                         f"{', '.join(f'{v:.0%}' for v in DS.augment_scales)} of its shorter side, "
+                                         f"each flipped with probability {DS.augment_flip:g}. Off: the centre square "
+                                         f"only."),
                 io.Int.Input("shard_index", default=0, min=0, max=9999,
                              tooltip="This process's shard (from 0): it builds the identities at positions i with "
                                      "i % shard_count == shard_index of the name-sorted list."),
@@ -236,7 +257,8 @@ class BuildLoraDataset(JobNode):
     @classmethod
     def execute(cls, model, clip, vae, folder, face_embedder, clip_checkpoint, architecture, trainer, steps, rank,
                 targets, learning_rate, seed, resolution, class_word, shard_index, shard_count, name,
-                meta_down=None) -> io.NodeOutput:
+                meta_down=None, face_keep=DS.face_keep, face_keep_fraction=DS.face_keep_fraction,
+                face_reference=DS.face_reference, augment=DS.augment) -> io.NodeOutput:
         require_embedder(face_embedder)
         meta_down_path = None
         if trainer == "meta_lora":
@@ -250,7 +272,9 @@ class BuildLoraDataset(JobNode):
         scorer = open_clip_scorer(clip_checkpoint, architecture.strip())
         embedders = {"face": face_embedder_id(face_embedder), "image": image_embedder_id(scorer.arch, clip_checkpoint)}
         cfg = DatasetConfig(trainer=trainer, steps=steps, learning_rate=learning_rate, rank=rank, targets=targets,
-                            seed=seed, resolution=resolution, class_word=class_word, embedders=embedders).validate()
+                            seed=seed, resolution=resolution, class_word=class_word, embedders=embedders,
+                            face_keep=face_keep, face_keep_fraction=face_keep_fraction,
+                            face_reference=face_reference.strip(), augment=augment).validate()
         out = dataset_folder(name)
         everyone = scan_identity_folder(dataset_path(folder))
         identities = shard(everyone, shard_index, shard_count)
@@ -288,6 +312,14 @@ def _dataset_inputs() -> list:
                                     "for it, and stops with its error if it failed.")]
 
 
+def _preset_input(cls) -> io.Combo.Input:
+    paper = ", ".join(f"{k} {v:g}" for k, v in cls.preset_settings("paper").items())
+    return io.Combo.Input("preset", options=list(NET_PRESETS), default=NET_PRESETS[0],
+                          tooltip=f"small: the widgets below as they are (defaults for a CPU and tens of LoRAs). "
+                                  f"paper: the paper's settings ({paper}); the widgets of these settings must then "
+                                  f"keep their defaults (or the paper's value), the others (steps, seed, ...) apply.")
+
+
 def _name_input(default: str) -> io.String.Input:
     return io.String.Input("name", default=default, tooltip="Job and file name (models/difflora).")
 
@@ -312,17 +344,20 @@ class TrainLoraAutoencoder(JobNode):
             is_output_node=True,
             inputs=[
                 *_dataset_inputs(),
+                _preset_input(LaeTrainConfig),
                 io.Int.Input("steps", default=LAE.steps, min=1, max=10_000_000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5,
-                               tooltip="AdamW learning rate. The paper uses 2e-5 (batch 4) on 100k LoRAs; a small "
-                                       "population trains faster with about 1e-3."),
+                io.Float.Input("learning_rate", default=LAE.learning_rate, min=1e-7, max=1.0, step=1e-5,
+                               tooltip=f"AdamW learning rate. The paper: 2e-5 (batch 4, 100k LoRAs; preset paper). "
+                                       f"The default {LAE.learning_rate:g} is for a CPU and tens of LoRAs, which "
+                                       f"train far too slowly at 2e-5."),
                 io.Int.Input("batch_size", default=LAE.batch_size, min=1, max=1024, tooltip="LoRAs per step "
                                                                                             "(paper: 4)."),
                 io.Float.Input("wp_weight", default=LAE.wp_weight, min=0.0, max=100.0, step=0.1,
                                tooltip="Weight of the weight-preserved loss (Eq. 2); 0 turns it off."),
                 io.Int.Input("patch", default=LAE.patch, min=1, max=1024,
                              tooltip="Numbers per input patch. The compression ratio is about patch x "
-                                     "2^(levels-1) / latent_channels (patch 64, 5 levels: ~256x)."),
+                                     "2^(levels-1) / latent_channels (patch 16: 64x; the paper's ~300x: patch 75, "
+                                     "5 levels, 4 latent channels)."),
                 io.Int.Input("levels", default=LAE.levels, min=1, max=8,
                              tooltip="Encoder layers, each halving the length after the first (paper: 5)."),
                 io.Int.Input("channels", default=LAE.channels, min=8, max=1024, step=8,
@@ -338,10 +373,10 @@ class TrainLoraAutoencoder(JobNode):
 
     @classmethod
     def execute(cls, dataset, steps, learning_rate, batch_size, wp_weight, patch, levels, channels, latent_channels,
-                seed, name, job=None) -> io.NodeOutput:
-        cfg = LaeTrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, wp_weight=wp_weight,
-                             patch=patch, levels=levels, channels=channels, latent_channels=latent_channels,
-                             seed=seed).validate()
+                seed, name, job=None, preset=NET_PRESETS[0]) -> io.NodeOutput:
+        cfg = LaeTrainConfig.from_widgets(preset, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                                          wp_weight=wp_weight, patch=patch, levels=levels, channels=channels,
+                                          latent_channels=latent_channels, seed=seed)
         cfg.lae_config(1)  # channels / heads errors now, not in the job
         sanitize_save_name(name)  # a bad name fails now, before the wait
         _wait(job, "the LoRA dataset")
@@ -372,6 +407,7 @@ class TrainDiffLora(JobNode):
                 io.Combo.Input("lae", options=difflora_files(),
                                tooltip="The LAE file (models/difflora) trained on this dataset; link the 'lae' "
                                        "output of IDLoRA Train LoRA Autoencoder, or pick a file."),
+                _preset_input(DiTTrainConfig),
                 io.Int.Input("steps", default=DIT.steps, min=1, max=10_000_000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=DIT.learning_rate, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate (paper: 1e-4)."),
@@ -380,7 +416,9 @@ class TrainDiffLora(JobNode):
                 io.Int.Input("hidden", default=DIT.hidden, min=8, max=4096,
                              tooltip="Transformer width (paper: 1454); a multiple of heads."),
                 io.Int.Input("depth", default=DIT.depth, min=1, max=64, tooltip="Transformer blocks (paper: 16)."),
-                io.Int.Input("heads", default=DIT.heads, min=1, max=64, tooltip="Attention heads."),
+                io.Int.Input("heads", default=DIT.heads, min=1, max=64,
+                             tooltip="Attention heads. The paper gives none; its 1454 = 2 x 727 allows 1, 2, 727 "
+                                     "or 1454 (preset paper: 2)."),
                 seed_input(DIT.seed),
                 _name_input("idlora_difflora"),
             ],
@@ -390,10 +428,10 @@ class TrainDiffLora(JobNode):
 
     @classmethod
     def execute(cls, dataset, lae, steps, learning_rate, batch_size, hidden, depth, heads, seed, name,
-                job=None) -> io.NodeOutput:
-        cfg = DiTTrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, hidden=hidden,
-                             depth=depth, heads=heads, seed=seed).validate()
-        DiTConfig(1, 1, 1, 1, hidden, depth, heads).validate()  # hidden / heads errors now, not in the job
+                job=None, preset=NET_PRESETS[0]) -> io.NodeOutput:
+        cfg = DiTTrainConfig.from_widgets(preset, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                                          hidden=hidden, depth=depth, heads=heads, seed=seed)
+        DiTConfig(1, 1, 1, 1, cfg.hidden, cfg.depth, cfg.heads).validate()  # hidden / heads errors now, not in the job
         sanitize_save_name(name)  # a bad name fails now, before the wait
         _wait(job, "the LAE")
         folder = resolve_dataset(dataset)

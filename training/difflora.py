@@ -87,7 +87,10 @@ class NetTrainConfig(TrainingConfig):
         is an error, so that no widget is ignored in silence."""
         cls.preset(name)  # a bad name fails here
         fixed, small = cls._presets[name], cls()
-        clash = {k: v for k, v in widgets.items() if k in fixed and v != fixed[k] and v != getattr(small, k)}
+        def same(a, b) -> bool:  # a float widget may come back with rounding noise
+            return math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) or isinstance(b, float) else a == b
+        clash = {k: v for k, v in widgets.items()
+                 if k in fixed and not same(v, fixed[k]) and not same(v, getattr(small, k))}
         if clash:
             raise TrainingInputError(
                 f"preset {name!r} sets {', '.join(f'{k} = {fixed[k]!r}' for k in clash)}, but the widget"

@@ -98,3 +98,26 @@ def test_small_preset_stays_the_cpu_default(unets):
     assert abs(lae.cfg.compression / 64 - 1) < TOLERANCE
     assert (dit.cfg.depth, dit.cfg.hidden) == (6, 256)
     assert count(dit) < count(build("paper", layout.length)[1]) / 50
+
+
+def test_training_nodes_offer_the_preset_and_refuse_a_contradicting_widget(comfy):
+    """The LAE and DiT nodes: a `preset` combo (default small), widget defaults from the configs (the LAE's lr too,
+    with the paper's value in its tooltip), and a widget the paper preset fixes, changed, is an error before any
+    waiting or file access."""
+    from idlora.nodes.difflora_nodes import TrainDiffLora, TrainLoraAutoencoder
+    from idlora.training.difflora import DiTTrainConfig, LaeTrainConfig
+    from idlora.training.lora_trainer import TrainingInputError
+    for node, cls in ((TrainLoraAutoencoder, LaeTrainConfig), (TrainDiffLora, DiTTrainConfig)):
+        inputs = {i.id: i for i in node.define_schema().inputs}
+        assert inputs["preset"].options == ["small", "paper"] and inputs["preset"].default == "small"
+        for name in ("steps", "learning_rate", "batch_size"):
+            assert inputs[name].default == getattr(cls(), name), (node, name)
+    lr = {i.id: i for i in TrainLoraAutoencoder.define_schema().inputs}["learning_rate"]
+    assert "2e-5" in lr.tooltip and lr.default == 1e-3
+    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets hidden = 1454, but the widget hidden = 64"):
+        TrainDiffLora.execute("no_such_dataset", "none", 5, 1e-4, 32, 64, 6, 4, 0, "x", preset="paper")
+    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets patch = 75, but the widget patch = 8"):
+        TrainLoraAutoencoder.execute("no_such_dataset", 5, 1e-3, 4, 1.0, 8, 5, 64, 4, 0, "x", preset="paper")
+    # the paper preset with default widgets gets past the settings to the dataset check
+    with pytest.raises(FileNotFoundError, match="no_such_dataset does not exist"):
+        TrainLoraAutoencoder.execute("no_such_dataset", 5, 1e-3, 4, 1.0, 16, 5, 64, 4, 0, "x", preset="paper")

@@ -217,21 +217,22 @@ class BuildLoraDataset(JobNode):
                              tooltip="Images are centre-cropped and resized to this square size (the face and CLIP "
                                      "embeddings are taken from these images too)."),
                 class_word_input(DS.class_word),
-                io.Int.Input("face_keep", default=DS.face_keep, min=0, max=100000,
+                io.Int.Input("face_keep", default=DS.face_keep, min=0, max=100000, optional=True,
                              tooltip="Face filter: keep at most this many images of each identity, those whose face "
                                      "embedding is most similar to the identity's reference (face_reference); "
                                      "images without a face are dropped first. 0: no limit. The paper keeps the "
                                      "top 85 of 100 by InsightFace similarity."),
                 io.Float.Input("face_keep_fraction", default=DS.face_keep_fraction, min=0.01, max=1.0, step=0.01,
+                               optional=True,
                                tooltip="Face filter: keep at most this fraction of each identity's images, rounded "
                                        "up (the paper: 0.85). 1: no limit. With face_keep 0 and 1 here, the filter "
                                        "is off and every image is trained on."),
-                io.String.Input("face_reference", default=DS.face_reference,
+                io.String.Input("face_reference", default=DS.face_reference, optional=True,
                                 tooltip="Face filter: what similarity is measured to. 'mean': the normalised mean "
                                         "of the identity's face embeddings. Or the file name (or stem) of a "
                                         "reference image in every identity's folder (the paper: the original photo "
                                         "the identity's images were generated from)."),
-                io.Boolean.Input("augment", default=DS.augment,
+                io.Boolean.Input("augment", default=DS.augment, optional=True,
                                  tooltip=f"Crop / flip augmentation (the paper: cropping and flipping): each kept "
                                          f"image gives a centred square crop of "
                                          f"{', '.join(f'{v:.0%}' for v in DS.augment_scales)} of its shorter side, "
@@ -314,7 +315,7 @@ def _dataset_inputs() -> list:
 
 def _preset_input(cls) -> io.Combo.Input:
     paper = ", ".join(f"{k} {v:g}" for k, v in cls.preset_settings("paper").items())
-    return io.Combo.Input("preset", options=list(NET_PRESETS), default=NET_PRESETS[0],
+    return io.Combo.Input("preset", options=list(NET_PRESETS), default=NET_PRESETS[0], optional=True,
                           tooltip=f"small: the widgets below as they are (defaults for a CPU and tens of LoRAs). "
                                   f"paper: the paper's settings ({paper}); the widgets of these settings must then "
                                   f"keep their defaults (or the paper's value), the others (steps, seed, ...) apply.")

@@ -25,6 +25,9 @@ from .config import Config, ConfigError
 Decoder = Callable[[torch.Tensor], torch.Tensor]   # model-space latents (B, C, h, w) -> RGB (B, 3, 8h, 8w) in [0, 1]
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]   # aligned face crops (B, 3, S, S) in [0, 1] -> (B, D)
 DECODERS = ("vae", "taesd")
+# What the identity term scores: the stylized x0 (content + style LoRA together, the paper's reading) or the photo's
+# reconstruction through the content LoRA alone (the reading IDLoRA used before).
+TARGETS = ("stylized", "reconstruction")
 LATENT_SCALE = 8  # pixels per latent pixel (SD1.x, SDXL)
 
 
@@ -41,6 +44,7 @@ class IdentityConfig(Config):
     decoder: str = "vae"                              # "vae" (the checkpoint's) or "taesd" (models/vae_approx)
     face_region: bool = True                          # decode only the latent window around the face
     margin: int = 2                                   # latent pixels of decoder context around that window
+    target: str = "stylized"                          # TARGETS: whose x0 estimate the term scores against the photo
 
     def validate(self) -> "IdentityConfig":
         need = self.need
@@ -50,6 +54,8 @@ class IdentityConfig(Config):
         need(0 <= lo < hi <= 1, "timestep_range", "use two fractions 0 <= low < high <= 1 (low noise is near 0)")
         need(self.decoder in DECODERS, "decoder", f"use one of {DECODERS}")
         need(isinstance(self.margin, int) and self.margin >= 0, "margin", "use a whole number of latent pixels >= 0")
+        need(self.target in TARGETS, "target", f"use one of {TARGETS}: 'stylized' scores the x0 of content + style "
+                                               f"LoRA together, 'reconstruction' the content LoRA's alone")
         return self
 
 

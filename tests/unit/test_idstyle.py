@@ -1,5 +1,7 @@
-"""Identity-preserving stylization core: the identity term's gradients, that it really pulls the identity, the
-ConsisLoRA noise-then-x0 schedule, and the face-window decode (pure torch, tiny models, seeded)."""
+"""Identity-preserving stylization core: the identity term's gradients, that it really pulls the identity, that it
+runs in the x0 steps only, its stylized target (content + style LoRA: gradients to both, the stylized face pulled
+towards the photo), the ConsisLoRA noise-then-x0 schedule and its defaults, and the face-window decode (pure torch,
+tiny models, seeded)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from idlora.training.diffusion import add_noise, target, to_x0
+from idlora.models.lora import LoraNetwork, select_targets
 from idlora.training.identity_loss import IdentityConfig, IdentityConfigError, IdentityLoss, face_window
-from idlora.training.idstyle import (BLOCK_PRESETS, IdentityContentTrainer, X0LoraTrainer, X0TrainConfig,
-                                     frozen_network)
+from idlora.training.idstyle import (BLOCK_PRESETS, PAPER_STEPS, IdentityContentTrainer, IdentityStyleConfig,
+                                     X0LoraTrainer, X0TrainConfig, frozen_network, lora_network)
 from idlora.training.lora_trainer import TrainingInputError, prepare_data
 from idstyle_util import SIZE, backbone, face_photo, landmarks_of
 from tiny_torch import TinyDiffusion
@@ -168,3 +171,203 @@ def test_block_presets_select_disjoint_blocks_on_a_comfy_style_unet():
             c = {n for n in names if re.search(content, n)}
             s = {n for n in names if re.search(style, n)}
             assert c and s and not c & s, preset
+
+
+# -- the x0 phase only ----------------------------------------------------------------------------------------
+
+
+class CountingIdentity:
+    """An IdentityLoss that records the trainer step (0-based) of each call."""
+
+    def __init__(self, identity: IdentityLoss, trainer_ref: list):
+        self.inner, self.cfg, self.ref, self.steps = identity, identity.cfg, trainer_ref, []
+
+    def __call__(self, x0_hat, idx):
+        self.steps.append(self.ref[0].step)
+        return self.inner(x0_hat, idx)
+
+
+def random_style(model: TinyDiffusion, targets: str = "attn", seed: int = 5) -> LoraNetwork:
+    """A trainable style LoRA with nonzero up factors (a stand-in for a trained one)."""
+    net = LoraNetwork(select_targets(model.denoiser, targets), 4, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in net.items():
+            layer.up.copy_(torch.randn(layer.up.shape, generator=g) * 0.05)
+    return net
+
+
+@pytest.mark.parametrize("target", ["reconstruction", "stylized"])
+def test_identity_term_runs_only_in_the_x0_steps(photo, target):
+    """x0_start_step = 3 of 6: the noise-loss steps 0-2 never compute the identity term (no call, no recorded value;
+    with the stylized target the style LoRA, which only the term updates, is untouched by them)."""
+    image, lms = photo
+    model = TinyDiffusion(seed=0)
+    data = prepare_data(model, image, "a photo of [c] person")
+    ref: list = []
+    identity = CountingIdentity(identity_for(model, image, lms, backbone()), ref)
+    style = random_style(model) if target == "stylized" else None
+    cfg = X0TrainConfig(steps=6, learning_rate=1e-3, rank=2, seed=1, x0_start_step=3, targets="attn")
+    trainer = IdentityContentTrainer(model, data, cfg, identity, style=style)
+    ref.append(trainer)
+    before = {k: v.clone() for k, v in style.state_dict().items()} if style is not None else {}
+    with trainer.session():
+        for _ in range(3):
+            trainer.train_step()
+        assert identity.steps == [] and trainer.identity_values == []  # not computed in the noise-loss steps
+        if style is not None:
+            assert all(torch.equal(before[k], v) for k, v in style.state_dict().items())
+        while trainer.step < cfg.steps:
+            trainer.train_step()
+    assert identity.steps == [3, 4, 5]
+    assert [s for s, _ in trainer.identity_values] == [4, 5, 6]  # 1-based, as the job reports steps
+    if style is not None:
+        assert any(not torch.equal(before[k], v) for k, v in style.state_dict().items())
+
+
+# -- the stylized target: content + style LoRA -----------------------------------------------------------------
+
+
+def test_stylized_identity_gradients_reach_both_loras_through_decode_crop_and_backbone(photo):
+    image, lms = photo
+    model = TinyDiffusion(seed=0)
+    data = prepare_data(model, image, "a photo of [c] person")
+    style = random_style(model, "attn_ff")
+    stylized = model.encode_prompts(["a photo of [c] person in the style of [v]"], SIZE, SIZE)
+    trainer = IdentityContentTrainer(model, data, X0TrainConfig(**CFG), identity_for(model, image, lms, backbone()),
+                                     style=style, stylized_cond=stylized)
+    with trainer.session():
+        for _, layer in trainer.network.items():  # B = 0 at init would hide the gradient of A
+            torch.nn.init.normal_(layer.up, std=1e-2)
+        x0, cond, noise, sigma = trainer.sample_batch()
+        x0_sty = trainer.stylized_x0(x0, cond, noise, sigma, trainer.batch_idx)
+        with torch.no_grad():
+            _, x0_rec = trainer.predict(x0, cond, noise, sigma)
+        assert not torch.allclose(x0_sty, x0_rec)  # the style LoRA and the stylized prompt take part
+        assert not style._handles  # attached for that pass only
+        term = trainer.identity(x0_sty, trainer.batch_idx).mean()
+        with style.attached():
+            term.backward()
+    for net in (trainer.network, style):
+        grads = [p.grad for p in net.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert all(float(g.abs().sum()) > 0 for g in grads)  # every factor of every layer of both LoRAs
+    assert 0.0 < float(term.detach()) < 2.0
+
+
+def test_stylized_x0_loss_reaches_the_content_lora_only(photo):
+    """One training step's pieces: the x0 loss gives the style LoRA no gradient; the identity term gives it one."""
+    image, lms = photo
+    model = TinyDiffusion(seed=0)
+    data = prepare_data(model, image, "a photo of [c] person")
+    style = random_style(model)
+    trainer = IdentityContentTrainer(model, data, X0TrainConfig(**CFG), identity_for(model, image, lms, backbone()),
+                                     style=style)
+    with trainer.session():
+        x0, cond, noise, sigma = trainer.sample_batch()
+        total = trainer.loss(x0, cond, noise, sigma)
+        (base, base_styled), (term, term_styled) = trainer._deferred
+        assert (base_styled, term_styled) == (False, True)
+        assert float(total) == pytest.approx(float(base) + float(term))
+        base.backward()
+        assert all(p.grad is None for p in style.parameters())
+        with style.attached():
+            term.backward()
+        assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in style.parameters())
+
+
+def _train_stylized(photo, **cfg) -> tuple[dict, dict]:
+    image, lms = photo
+    model = TinyDiffusion(seed=0)
+    data = prepare_data(model, image, "a photo of [c] person")
+    style = random_style(model)
+    trainer = IdentityContentTrainer(model, data, X0TrainConfig(**dict(CFG, steps=3, **cfg)),
+                                     identity_for(model, image, lms, backbone()), style=style)
+    trainer.run()
+    return trainer.network.state_dict(), style.state_dict()
+
+
+def test_stylized_training_is_the_same_with_gradient_checkpointing(photo):
+    """A checkpointed block recomputes its forward in backward: each part of the loss is backpropagated with the
+    LoRAs its forward had, so checkpointing changes nothing (it would, were the style LoRA missing then)."""
+    content_a, style_a = _train_stylized(photo)
+    content_b, style_b = _train_stylized(photo, gradient_checkpointing=True)
+    for a, b in ((content_a, content_b), (style_a, style_b)):
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _stylized_distance(trainer: IdentityContentTrainer, identity: IdentityLoss, style: LoraNetwork,
+                       stylized: dict) -> float:
+    """Mean 1 - cos between the decoded stylized x0 (content + style LoRA, stylized prompt) and the photo's
+    embedding over fixed low-noise draws."""
+    g = torch.Generator().manual_seed(123)
+    x0, _ = trainer.data.batch(torch.tensor([0]))
+    values = []
+    with torch.no_grad(), trainer.network.attached(), style.attached():
+        for t in (20, 60, 120, 200, 300):
+            sigma = trainer.model.sigmas[t].reshape(1)
+            x_t = add_noise("eps", x0, torch.randn(x0.shape, generator=g), sigma)
+            out = trainer.model.net_forward(x_t, sigma, stylized)
+            values.append(float(identity(to_x0("eps", out, x_t, sigma), torch.tensor([0])).mean()))
+    return float(np.mean(values))
+
+
+def test_stylized_identity_term_pulls_the_stylized_face_towards_the_photo(photo):
+    """Seeded: a style LoRA trained on another image (the style phase, shortened), then the content phase with the
+    stylized identity term off and on. With it on, the stylized output's embedding distance to the photo falls
+    clearly faster."""
+    image, lms = photo
+    arc = backbone()
+    style_image = face_photo("astronaut.jpg")
+    first = TinyDiffusion(seed=0)
+    style_bundle = X0LoraTrainer(first, prepare_data(first, style_image, "an image in the style of [v]"),
+                                 X0TrainConfig(steps=10, learning_rate=2e-2, rank=4, seed=2, targets="attn_ff")).run()
+    results = {}
+    for weight in (0.0, 3.0):
+        model = TinyDiffusion(seed=0)
+        data = prepare_data(model, image, "a photo of [c] person")
+        stylized = model.encode_prompts(["a photo of [c] person in the style of [v]"], SIZE, SIZE)
+        identity = identity_for(model, image, lms, arc, weight=weight, timestep_range=(0.0, 0.4))
+        style = lora_network(model, style_bundle, trainable=True)
+        trainer = IdentityContentTrainer(model, data, X0TrainConfig(**dict(CFG, steps=20, learning_rate=5e-3)),
+                                         identity, style=style, stylized_cond=stylized)
+        start = _stylized_distance(trainer, identity, style, stylized)
+        trainer.run()
+        results[weight] = (start, _stylized_distance(trainer, identity, style, stylized))
+    (s_off, e_off), (s_on, e_on) = results[0.0], results[3.0]
+    assert s_off == pytest.approx(s_on)  # the same start: the same seed, a zero content LoRA, the same style LoRA
+    drop_off, drop_on = s_off - e_off, s_on - e_on
+    # Measured: off 0.444 -> 0.399, on 0.444 -> 0.315 (the reconstruction target, same run: -> 0.361).
+    assert e_on < e_off - 0.04 and drop_on > 2 * drop_off, results
+
+
+def test_stylized_target_settings_are_checked(photo):
+    image, lms = photo
+    model = TinyDiffusion(seed=0)
+    data = prepare_data(model, image, "x")
+    with pytest.raises(IdentityConfigError, match=r"target = 'styled'.*stylized.*reconstruction"):
+        IdentityConfig(target="styled").validate()
+    with pytest.raises(TrainingInputError, match="no identity term"):
+        IdentityContentTrainer(model, data, X0TrainConfig(steps=2, rank=2), None, style=random_style(model))
+    frozen = random_style(model).requires_grad_(False)
+    with pytest.raises(TrainingInputError, match="frozen.*trainable=True"):
+        IdentityContentTrainer(model, data, X0TrainConfig(steps=2, rank=2), identity_for(model, image, lms,
+                                                                                        backbone()), style=frozen)
+    with pytest.raises(TrainingInputError, match=r"content\.compile.*stylized"):
+        IdentityStyleConfig(content=X0TrainConfig(compile=True)).validate()
+    IdentityStyleConfig(content=X0TrainConfig(compile=True),
+                        identity=IdentityConfig(target="reconstruction")).validate()  # fine there
+
+
+def test_defaults_are_consislora_step_counts_and_the_phase_order_follows_the_target():
+    cfg = IdentityStyleConfig()
+    assert (cfg.content.steps, cfg.content.x0_start_step, cfg.style_content_steps, cfg.style.steps) == \
+        (PAPER_STEPS["content"], PAPER_STEPS["x0_start_step"], PAPER_STEPS["style_content"], PAPER_STEPS["style"]) \
+        == (1500, 500, 1500, 1000)
+    assert cfg.identity.target == "stylized" and cfg.decouple().x0_start_step == 500
+    assert cfg.phases() == ["style_content", "style", "content"]
+    assert IdentityStyleConfig(identity=IdentityConfig(target="reconstruction")).phases() == \
+        ["content", "style_content", "style"]
+    assert IdentityStyleConfig(identity=IdentityConfig(weight=0.0)).phases() == ["content", "style_content", "style"]
+    assert IdentityStyleConfig(style_content_steps=0).phases() == ["style", "content"]

@@ -1,26 +1,38 @@
 """DuoLoRA (Roy et al., 2025): merging a content LoRA and a style LoRA with masks in the rank dimension (ZipRank),
 layer priors and the Constyle cycle loss; ZipLoRA and the naive blend as baselines (models/merge.py).
 
-The merge trains only masks, on cached inputs: one or more content images with the content prompt p_c
-("a <V1> object in <S1> style"), the style image with p_s ("a <V2> object in <S2> style"), and the mixed prompt
-p_cs ("a <V1> object in <S2> style"). Per step, for a cached draw (image, timestep, noise):
+The merge trains only masks: one or more content images with the content prompt p_c ("a <V1> object in <S1>
+style"), the style image with p_s ("a <V2> object in <S2> style"), and the mixed prompt p_cs ("a <V1> object in
+<S2> style"). Per step, a draw (content image, style image, a timestep and a noise for each):
 
-- reconstruction: ||(D+L_m)(x_c, p_c) - (D+L_c)(x_c, p_c)||^2 + ||(D+L_m)(x_s, p_s) - (D+L_s)(x_s, p_s)||^2. The
-  single-LoRA targets are computed once per draw, without gradients, and cached.
-- Constyle cycles (Sec. 3.4): I_cs = x0 of (D+L_m)(noisy I_c, p_cs), re-noised and denoised with p_c: I_csc, against
-  I_cc, the content LoRA alone through the same two passes with p_c: MSE(I_cc, I_csc); and the same from the style
-  image: MSE(I_ss, I_scs). (So identical content and style LoRAs, prompts and a merge equal to either LoRA give a
-  cycle loss of exactly zero: only what the cycle adds and removes is measured.) The
-  first, translating pass runs without gradients (as a CycleGAN generator's output is data for its reconstruction
-  step here), which halves the cycle's cost; the gradient flows through the reconstructing pass.
+- reconstruction: ||(D+L_m)(x_c, p_c) - (D+L_c)(x_c, p_c)|| + ||(D+L_m)(x_s, p_s) - (D+L_s)(x_s, p_s)||, the
+  single-LoRA targets computed without gradients. ``recon_loss``: "mse" (the mean squared error) or "norm" (the
+  paper's ||.||: the L2 norm of the difference per sample). ``draws``: "fresh" (a new draw every step, its targets
+  recomputed: the paper's training loop) or "cached" (``cached_draws`` draws whose targets are computed once, the
+  steps cycling through them: cheaper per step).
+- Constyle cycles (Sec. 3.4): I_cs = (D+L_m)(noisy I_c, p_cs) denoised to x0, re-noised and denoised with p_c:
+  I_csc, against I_cc, the content LoRA alone through the same passes with p_c: MSE(I_cc, I_csc); and the same
+  from the style image: MSE(I_ss, I_scs). (So identical content and style LoRAs, prompts and a merge equal to
+  either LoRA give a cycle loss of exactly zero: only what the cycle adds and removes is measured.)
+  ``translate_steps``: the translating pass (I_cs, I_sc and the references' first pass) denoises in that many
+  deterministic (DDIM) steps down the model's schedule; 1 is the one-step x0 estimate. ``cycle_translate_grad``:
+  the gradient also flows through the translating pass (the paper does not say; off, it is data for the
+  reconstructing pass, as a CycleGAN generator's output is for its reconstruction, and costs no backward).
 - layer priors (Algorithm 1): on content-dominant layers ||m_c||_1 + h * max(0, ||m_s||_* - ||m_c||_*), on
   style-dominant ones the same with c and s swapped. For a diagonal mask the nuclear norm is the sum of the
-  absolute diagonal entries, i.e. the L1 norm of the mask vector.
-- L = L_recon + lambda_cycle * L_cycle + lambda_layer_prior * L_prior. (The paper's equation puts lambda_cycle on
-  the whole Constyle loss, reconstruction included; its text says lambda_cycle weighs the cycle terms. IDLoRA
-  follows the text: with the paper's lambda_cycle = 0.01 on everything, the reconstruction that defines the merge
-  would weigh a tenth of the prior's L1 pull towards zero.)
-- ZipLoRA: L_recon + lambda_zip * sum over layers of |m_c . m_s| (its orthogonality term).
+  absolute diagonal entries, i.e. the L1 norm of the mask vector. ``prior_normalization``: "mean" divides each
+  layer's term by the length of its longer mask and averages over the layers with a prior, so the term is the
+  share of active rank components (Table 7's thresholds are shares too) and its size does not grow with the rank
+  or the number of layers, as the reconstruction's mean does not; "sum" adds the raw terms of every layer (the
+  paper writes Eq. 1 for one layer and does not say how layers combine).
+- ``loss_weighting``: "equation" is the paper's total loss, L = lambda_layer_prior * L_prior + lambda_cycle *
+  L_constyle, with the reconstruction inside L_constyle; "text" is L = L_recon + lambda_cycle * L_cycle +
+  lambda_layer_prior * L_prior (its text: lambda_cycle "controls the weight of the cycle-consistency losses";
+  its Table 9 at lambda 0 / 0 scores as ZipRank, i.e. the reconstruction kept its weight there).
+- The defaults of these readings were chosen by measurement (benchmarks/bench_duolora.py, quality part: the
+  lowest mean error over two synthetic tasks and three seeds with the paper's hyperparameters); docs/duolora.md
+  gives the numbers. Configs saved before the options existed load with the old behaviour (``from_saved``).
+- ZipLoRA: MSE reconstruction + lambda_zip * sum over layers of |m_c . m_s| (its orthogonality term).
 
 Layers are classified by the resolution of their feature map, measured with forward hooks: content-dominant when
 it is at most a quarter of the latent's side (32 px of a 1024 px SDXL image: down_blocks.2, mid_block, up_blocks.0,
@@ -40,14 +52,23 @@ from torch import nn
 
 from ..models.lora import LoraConfigError, compile_pattern
 from ..models.merge import MergeNetwork
-from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, sample_sigmas, to_x0
+from .diffusion import Cond, DiffusionModel, add_noise, lora_stems, sample_sigmas, to_eps, to_x0
 from .lora_format import LoraBundle, LoraWeight
 
-log = logging.getLogger(__name__)
 from .lora_trainer import LoraTrainConfig, LoraTrainer, TrainingInputError
+
+log = logging.getLogger(__name__)
 
 MERGE_METHODS = ("duolora", "ziprank", "ziplora", "naive")
 CONTENT, STYLE, OTHER = "content", "style", "other"
+LOSS_WEIGHTINGS = ("equation", "text")   # the paper's total-loss equation, or its text (see the module docstring)
+PRIOR_NORMALIZATIONS = ("mean", "sum")
+RECON_LOSSES = ("mse", "norm")
+DRAW_MODES = ("fresh", "cached")
+MAX_TRANSLATE_STEPS = 50
+# the readings IDLoRA used before these options existed: a saved config without them resumes with these
+LEGACY_READINGS = dict(loss_weighting="text", prior_normalization="sum", recon_loss="mse", draws="cached",
+                       cycle_translate_grad=False, translate_steps=1)
 
 
 @dataclass
@@ -66,7 +87,15 @@ class MergeConfig(LoraTrainConfig):
     cycle_every: int = 1              # the cycle terms every k steps
     lambda_ziplora: float = 0.01      # ZipLoRA's mask-orthogonality weight
     naive_weights: tuple[float, float] = (1.0, 1.0)
-    cached_draws: int = 8             # (image, timestep, noise) draws whose single-LoRA targets are cached
+    cached_draws: int = 8             # draws="cached": (image, timestep, noise) draws whose targets are cached
+    # the paper's ambiguous readings (module docstring); defaults chosen by measurement (docs/duolora.md)
+    loss_weighting: str = "equation"  # "equation": l_prior L_prior + l_cycle (L_recon + L_cycle); "text": L_recon
+    #                                   + l_cycle L_cycle + l_prior L_prior
+    prior_normalization: str = "mean"  # "mean": per layer / mask length, averaged over layers; "sum": raw sum
+    recon_loss: str = "mse"           # DuoLoRA's reconstruction terms: "mse", or "norm" (the paper's ||.||)
+    draws: str = "fresh"              # "fresh": new noise and timesteps each step; "cached": cached_draws, reused
+    cycle_translate_grad: bool = False  # the gradient also flows through the cycle's translating pass
+    translate_steps: int = 1          # denoising steps of the translating pass (1: the one-step x0 estimate)
     prune_below: float = 0.0          # export: drop rank components with |mask| <= this (0: exact zeros only)
     content_blocks: str = ""          # layer priors by name (RE2 patterns), instead of by feature-map size: the
     style_blocks: str = ""            # rule for DiTs such as Flux, whose layers all work on the same tokens
@@ -84,6 +113,25 @@ class MergeConfig(LoraTrainConfig):
         need(0 <= self.t_style <= 1, "t_style", "use a fraction 0..1 (Table 7: 0.5)")
         need(isinstance(self.cycle_every, int) and self.cycle_every >= 1, "cycle_every", "use a whole number >= 1")
         need(isinstance(self.cached_draws, int) and self.cached_draws >= 1, "cached_draws", "use a whole number >= 1")
+        need(self.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting",
+             f"use one of {LOSS_WEIGHTINGS}: 'equation' weighs the prior and the whole Constyle loss (reconstruction "
+             f"and cycle) as the paper's total loss does, 'text' gives the reconstruction weight 1 and lambda_cycle "
+             f"to the cycle terms only")
+        need(self.method != "duolora" or self.loss_weighting != "equation" or self.lambda_cycle > 0, "lambda_cycle",
+             "use a number > 0 with loss_weighting 'equation': it weighs the reconstruction too, so 0 would train "
+             "the masks on the layer prior alone (or choose loss_weighting 'text')")
+        need(self.prior_normalization in PRIOR_NORMALIZATIONS, "prior_normalization",
+             f"use one of {PRIOR_NORMALIZATIONS}: 'mean' (each layer's term over its mask length, averaged over the "
+             f"layers) or 'sum' (the raw terms of every layer added)")
+        need(self.recon_loss in RECON_LOSSES, "recon_loss",
+             f"use one of {RECON_LOSSES}: 'mse' (mean squared error) or 'norm' (the L2 norm per sample)")
+        need(self.draws in DRAW_MODES, "draws",
+             f"use one of {DRAW_MODES}: 'fresh' (new noise and timesteps every step) or 'cached' (cached_draws "
+             f"draws, reused)")
+        need(isinstance(self.cycle_translate_grad, bool), "cycle_translate_grad", "use true or false")
+        need(isinstance(self.translate_steps, int) and not isinstance(self.translate_steps, bool)
+             and 1 <= self.translate_steps <= MAX_TRANSLATE_STEPS, "translate_steps",
+             f"use a whole number from 1 (the one-step x0 estimate) to {MAX_TRANSLATE_STEPS}")
         need(self.prune_below >= 0, "prune_below", "use 0 (exact export) or a small positive threshold")
         need(bool(self.content_blocks) == bool(self.style_blocks), "content_blocks",
              "give both content_blocks and style_blocks, or neither (then the layers' feature-map sizes decide)")
@@ -94,6 +142,15 @@ class MergeConfig(LoraTrainConfig):
                 except LoraConfigError as e:
                     raise TrainingInputError(str(e)) from None
         return self
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "MergeConfig":
+        """A config as saved by a job or in a file's metadata; one saved before the paper's readings were options
+        (it has none of them) gets the readings it was trained with (LEGACY_READINGS), so a resumed job continues
+        the same objective. Unknown keys are errors, as in ``from_dict``."""
+        if isinstance(d, dict) and not set(LEGACY_READINGS) & set(d):
+            d = {**LEGACY_READINGS, **d}
+        return cls.from_dict(d)
 
 
 @dataclass
@@ -202,17 +259,25 @@ def prior_masks(rank_c: int, rank_s: int, kind: str, t_content: float, t_style: 
     return mask(rank_c, share_c), mask(rank_s, share_s)
 
 
-def layer_prior_loss(network: MergeNetwork, kinds: dict, hinge: float) -> torch.Tensor:
-    """Algorithm 1 summed over layers. ||m||_* of a diagonal mask = sum |m_i| (its singular values)."""
-    total = 0.0
+def layer_prior_loss(network: MergeNetwork, kinds: dict, hinge: float, normalization: str = "sum") -> torch.Tensor:
+    """Algorithm 1 over the layers with a prior. ||m||_* of a diagonal mask = sum |m_i| (its singular values).
+
+    ``normalization`` "sum": the layers' terms added (its size grows with the rank and the number of layers);
+    "mean": each layer's term divided by the length of its longer mask (for masks in [0, 1] the L1 part is the
+    share of active rank components, at most 1, and the hinge at most h), then averaged over the layers."""
+    terms = []
     for name, layer in network.items():
         kind = kinds.get(name, (OTHER, None))[0]
         if kind == OTHER:
             continue
         dom, other = (layer.m_c, layer.m_s) if kind == CONTENT else (layer.m_s, layer.m_c)
         nuc_dom, nuc_other = dom.abs().sum(), other.abs().sum()
-        total = total + nuc_dom + hinge * F.relu(nuc_other - nuc_dom)
-    return torch.as_tensor(total)
+        term = nuc_dom + hinge * F.relu(nuc_other - nuc_dom)
+        terms.append(term / max(dom.numel(), other.numel()) if normalization == "mean" else term)
+    if not terms:
+        return torch.zeros(())
+    total = torch.stack(terms).sum()
+    return total / len(terms) if normalization == "mean" else total
 
 
 def ziplora_orthogonality(network: MergeNetwork) -> torch.Tensor:
@@ -234,7 +299,9 @@ class LoraMerger(LoraTrainer):
             layer_kinds = self.measure_layer_kinds() if config.method == "duolora" else {}
         self.layer_kinds = layer_kinds
         self.method = config.method
-        self.draws: list[dict] | None = None
+        self.draws: list[dict] | None = None  # draws="cached": built on the first step
+        self.draw: dict | None = None         # this step's draw
+        self.cycle_draw: dict | None = None   # the draw the cycle runs on (cached: its own walk)
         if config.method == "duolora":
             g = torch.Generator().manual_seed(config.seed)
             self.network.set_masks({n: prior_masks(l.m_c.numel(), l.m_s.numel(), self.layer_kinds.get(n, (OTHER,))[0],
@@ -286,7 +353,7 @@ class LoraMerger(LoraTrainer):
     def alphas(self) -> dict[str, float]:
         return {}
 
-    # -- cached single-LoRA targets -----------------------------------------------------------------
+    # -- draws and their single-LoRA targets ----------------------------------------------------------
     @torch.no_grad()
     def _single(self, which: str, x_t, sigma, cond) -> torch.Tensor:
         saved = {n: (l.m_c.detach().clone(), l.m_s.detach().clone()) for n, l in self.network.items()}
@@ -298,74 +365,129 @@ class LoraMerger(LoraTrainer):
         finally:
             self.network.set_masks(saved)
 
-    def build_draws(self) -> None:
-        g = torch.Generator().manual_seed(self.cfg.seed + 101)
-        self.draws = []
-        for _ in range(self.cfg.cached_draws):
-            i = int(torch.randint(0, len(self.data.content), (1,), generator=g))
-            xc, xs = self.data.content[i:i + 1], self.data.style[:1]
+    def make_draw(self, g: torch.Generator, cycle_refs: bool) -> dict:
+        """One draw from ``g``: a content image and the style image, a timestep and a noise for each, the noisy
+        latents, the single LoRAs' predictions (the reconstruction targets) and, with ``cycle_refs``, the cycle's
+        references I_cc and I_ss. No gradients."""
+        i = int(torch.randint(0, len(self.data.content), (1,), generator=g))
+        xc, xs = self.data.content[i:i + 1], self.data.style[:1]
+        try:
             sigmas = sample_sigmas(self.model, self.cfg.timestep_sampling, 2, g, tuple(xc.shape[-2:]),
                                    self.cfg.timestep_range)
-            sc, ss = (sigmas[k].reshape(1).to(xc.device) for k in range(2))
-            nc, ns = (torch.randn(x.shape, generator=g).to(x.device) for x in (xc, xs))
-            pt = self.model.prediction_type
-            xc_t, xs_t = add_noise(pt, xc, nc, sc), add_noise(pt, xs, ns, ss)
-            out_c = self._single("c", xc_t, sc, self.data.cond_c)
-            out_s = self._single("s", xs_t, ss, self.data.cond_s)
-            draw = dict(xc=xc, xs=xs, nc=nc, ns=ns, sc=sc, ss=ss, xc_t=xc_t, xs_t=xs_t, out_c=out_c, out_s=out_s)
-            if self.uses_cycle():  # the cycle's references: two more passes per draw, only when a cycle runs
-                draw.update(i_cc=self._two_pass("c", out_c, xc_t, nc, sc, self.data.cond_c),
-                            i_ss=self._two_pass("s", out_s, xs_t, ns, ss, self.data.cond_s))
-            self.draws.append(draw)
+        except ValueError as e:
+            raise TrainingInputError(str(e)) from None
+        sc, ss = (sigmas[k].reshape(1).to(xc.device) for k in range(2))
+        nc, ns = (torch.randn(x.shape, generator=g).to(x.device) for x in (xc, xs))
+        pt = self.model.prediction_type
+        xc_t, xs_t = add_noise(pt, xc, nc, sc), add_noise(pt, xs, ns, ss)
+        out_c = self._single("c", xc_t, sc, self.data.cond_c)
+        out_s = self._single("s", xs_t, ss, self.data.cond_s)
+        draw = dict(xc=xc, xs=xs, nc=nc, ns=ns, sc=sc, ss=ss, xc_t=xc_t, xs_t=xs_t, out_c=out_c, out_s=out_s)
+        if cycle_refs:  # the cycle's references: the single LoRA through the cycle's passes
+            draw.update(i_cc=self._two_pass("c", out_c, xc_t, nc, sc, self.data.cond_c),
+                        i_ss=self._two_pass("s", out_s, xs_t, ns, ss, self.data.cond_s))
+        return draw
+
+    def build_draws(self) -> None:
+        """draws="cached": ``cached_draws`` draws from a generator of their own, built once (the first step)."""
+        g = torch.Generator().manual_seed(self.cfg.seed + 101)
+        self.draws = [self.make_draw(g, self.uses_cycle()) for _ in range(self.cfg.cached_draws)]
 
     def uses_cycle(self) -> bool:
         return self.cfg.method == "duolora" and self.cfg.lambda_cycle > 0
 
+    def cycle_due(self) -> bool:
+        return self.uses_cycle() and self.step % self.cfg.cycle_every == 0
+
     def _two_pass(self, which: str, out, x_t, noise, sigma, cond) -> torch.Tensor:
-        """The single LoRA's x0 after the same two denoising passes as the cycle (so that only what the cycle
-        adds and removes differs): denoise, re-noise with the same noise, denoise again."""
+        """The single LoRA's x0 after the same passes as the cycle (so that only what the cycle adds and removes
+        differs): the translating pass (``out`` is its first output), re-noised with the same noise, denoised."""
         pt = self.model.prediction_type
-        again = add_noise(pt, to_x0(pt, out, x_t, sigma), noise, sigma)
+        fwd = lambda x, s, c: self._single(which, x, s, c)  # noqa: E731
+        first = self.translate(fwd, x_t, sigma, cond, out)
+        again = add_noise(pt, first, noise, sigma)
         return to_x0(pt, self._single(which, again, sigma, cond), again, sigma)
+
+    def sigma_path(self, sigma: torch.Tensor) -> list[torch.Tensor]:
+        """The sigmas after each of the translating pass's steps but the last (which goes to x0): translate_steps
+        evenly spaced points of the model's schedule from ``sigma`` down."""
+        k = self.cfg.translate_steps
+        if k == 1:
+            return []
+        sched = torch.sort(self.model.sigmas.detach().float().cpu()).values
+        idx = torch.searchsorted(sched, sigma.detach().float().cpu().reshape(-1)).clamp(max=len(sched) - 1)
+        return [sched[torch.round(idx.float() * (k - j) / k).long()].reshape(sigma.shape).to(sigma)
+                for j in range(1, k)]
+
+    def translate(self, forward, x_t, sigma, cond, first_out=None) -> torch.Tensor:
+        """x0 after translate_steps deterministic (DDIM) steps of ``forward`` from ``x_t`` at ``sigma``; one step
+        is the one-step x0 estimate. ``first_out``: the first step's output, when already computed."""
+        pt, x, s = self.model.prediction_type, x_t, sigma
+        for nxt in self.sigma_path(sigma) + [None]:
+            out = forward(x, s, cond).float() if first_out is None else first_out
+            first_out = None
+            x0 = to_x0(pt, out, x, s)
+            if nxt is None:
+                return x0
+            x, s = add_noise(pt, x0, to_eps(pt, out, x, s), nxt), nxt
+        raise AssertionError("unreachable")
 
     # -- the objective -----------------------------------------------------------------------------------
     def sample_batch(self):
-        if self.draws is None:
-            self.build_draws()
-        d = self.draws[self.step % len(self.draws)]
+        if self.cfg.draws == "fresh":  # the trainer's generator (saved in checkpoints): a resumed run continues it
+            self.draw = self.make_draw(self.generator, self.cycle_due())
+            self.cycle_draw = self.draw
+        else:
+            if self.draws is None:
+                self.build_draws()
+            self.draw = self.draws[self.step % len(self.draws)]
+            # its own walk through the draws, so that cycle_every > 1 still visits every draw
+            self.cycle_draw = self.draws[(self.step // self.cfg.cycle_every) % len(self.draws)]
+        d = self.draw
         return d["xc"], self.data.cond_c, d["nc"], d["sc"]
 
+    def recon(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One reconstruction term: MSE, or for DuoLoRA with recon_loss="norm" the L2 norm per sample (mean)."""
+        if self.cfg.method == "duolora" and self.cfg.recon_loss == "norm":
+            return torch.linalg.vector_norm((pred - target).flatten(1), dim=1).mean()
+        return F.mse_loss(pred, target)
+
     def loss(self, x0, cond, noise, sigma) -> torch.Tensor:
-        d, pt = self.draws[self.step % len(self.draws)], self.model.prediction_type
+        d, pt = self.draw, self.model.prediction_type
         self.parts = {}
         pred_c = self.model.net_forward(d["xc_t"], d["sc"], self.data.cond_c).float()
         pred_s = self.model.net_forward(d["xs_t"], d["ss"], self.data.cond_s).float()
-        loss = F.mse_loss(pred_c, d["out_c"]) + F.mse_loss(pred_s, d["out_s"])
-        self.parts["recon"] = float(loss.detach())
+        recon = self.recon(pred_c, d["out_c"]) + self.recon(pred_s, d["out_s"])
+        self.parts["recon"] = float(recon.detach())
         if self.cfg.method == "ziplora":
             ortho = ziplora_orthogonality(self.network)
             self.parts["ortho"] = float(ortho.detach())
-            return loss + self.cfg.lambda_ziplora * ortho
+            return recon + self.cfg.lambda_ziplora * ortho
         if self.cfg.method != "duolora":
-            return loss
-        if self.uses_cycle() and self.step % self.cfg.cycle_every == 0:
-            # its own walk through the draws, so that cycle_every > 1 still visits every draw
-            cyc = self.cycle_loss(self.draws[(self.step // self.cfg.cycle_every) % len(self.draws)], pt)
-            self.parts["cycle"] = float(cyc.detach())
-            loss = loss + self.cfg.lambda_cycle * cyc
+            return recon
+        cycle = torch.zeros((), device=recon.device)
+        if self.cycle_due():
+            cycle = self.cycle_loss(self.cycle_draw, pt)
+            self.parts["cycle"] = float(cycle.detach())
+        prior = torch.zeros((), device=recon.device)
         if self.cfg.lambda_layer_prior:
-            prior = layer_prior_loss(self.network, self.layer_kinds, self.cfg.prior_hinge)
+            prior = layer_prior_loss(self.network, self.layer_kinds, self.cfg.prior_hinge,
+                                     self.cfg.prior_normalization).to(recon.device)
             self.parts["prior"] = float(prior.detach())
-            loss = loss + self.cfg.lambda_layer_prior * prior
-        return loss
+        lc, lp = self.cfg.lambda_cycle, self.cfg.lambda_layer_prior
+        if self.cfg.loss_weighting == "equation":  # L = l_prior L_prior + l_cycle L_constyle (recon + cycles)
+            return lp * prior + lc * (recon + cycle)
+        return recon + lc * cycle + lp * prior
 
     def cycle_loss(self, d: dict, pt: str) -> torch.Tensor:
-        with torch.no_grad():  # translate: add the other concept with the mixed prompt
-            i_cs = to_x0(pt, self.model.net_forward(d["xc_t"], d["sc"], self.data.cond_cs).float(), d["xc_t"], d["sc"])
-            i_sc = to_x0(pt, self.model.net_forward(d["xs_t"], d["ss"], self.data.cond_cs).float(), d["xs_t"], d["ss"])
+        fwd = self.model.net_forward
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.cycle_translate_grad):
+            # translate: add the other concept with the mixed prompt
+            i_cs = self.translate(fwd, d["xc_t"], d["sc"], self.data.cond_cs)
+            i_sc = self.translate(fwd, d["xs_t"], d["ss"], self.data.cond_cs)
         cs_t, sc_t = add_noise(pt, i_cs, d["nc"], d["sc"]), add_noise(pt, i_sc, d["ns"], d["ss"])
-        i_csc = to_x0(pt, self.model.net_forward(cs_t, d["sc"], self.data.cond_c).float(), cs_t, d["sc"])
-        i_scs = to_x0(pt, self.model.net_forward(sc_t, d["ss"], self.data.cond_s).float(), sc_t, d["ss"])
+        i_csc = to_x0(pt, fwd(cs_t, d["sc"], self.data.cond_c).float(), cs_t, d["sc"])
+        i_scs = to_x0(pt, fwd(sc_t, d["ss"], self.data.cond_s).float(), sc_t, d["ss"])
         return F.mse_loss(i_csc, d["i_cc"]) + F.mse_loss(i_scs, d["i_ss"])
 
     def train_step(self) -> float:

@@ -30,7 +30,7 @@ class MergeTask:
     def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "MergeTask":
         d = load_job_data(job_dir, "its images and LoRAs")
         loras = [{n: (w["down"], w["up"], w["alpha"]) for n, w in d[k].items()} for k in ("content_lora", "style_lora")]
-        return cls(MergeConfig.from_dict(config["merge"]), *loras, config["output_path"], config["lora_name"],
+        return cls(MergeConfig.from_saved(config["merge"]), *loras, config["output_path"], config["lora_name"],
                    config["model_source"], model_loader, MergeData(**d["data"]))
 
     def prepare(self, job_dir: Path) -> None:

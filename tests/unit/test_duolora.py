@@ -98,7 +98,7 @@ def test_identical_loras_give_zero_cycle_loss():
                               for n, l in merger.network.items()})  # 0.5 L + 0.5 L = L
     with merger.session():
         merger.sample_batch()
-        d = merger.draws[0]
+        d = merger.cycle_draw
         cycle = merger.cycle_loss(d, model.prediction_type)
         off = {n: (torch.full_like(l.m_c, 0.9), torch.full_like(l.m_s, 0.9)) for n, l in merger.network.items()}
         merger.network.set_masks(off)
@@ -226,3 +226,134 @@ def test_weight_share_rule_pins_each_layer_to_the_lora_that_changes_it_more():
     del content["single_blocks.1.a"], style["double_blocks.0.a"]
     kinds = classify_by_weights(names, content, style)
     assert kinds["single_blocks.1.a"] == (STYLE, None) and kinds["double_blocks.0.a"] == (CONTENT, None)
+
+
+# -- the paper's readings as options ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss_weighting", "both", "loss_weighting = 'both' is invalid: use one of"),
+    ("prior_normalization", "max", "prior_normalization = 'max' is invalid"),
+    ("recon_loss", "l1", "recon_loss = 'l1' is invalid"),
+    ("draws", "some", "draws = 'some' is invalid"),
+    ("cycle_translate_grad", "yes", "cycle_translate_grad = 'yes' is invalid: use true or false"),
+    ("translate_steps", 0, "translate_steps = 0 is invalid: use a whole number from 1"),
+    ("translate_steps", 2.5, "translate_steps = 2.5 is invalid"),
+])
+def test_new_options_are_validated_with_clear_errors(field, value, message):
+    with pytest.raises(TrainingInputError, match=message):
+        MergeConfig(**{field: value}).validate()
+
+
+def test_equation_weighting_needs_a_positive_lambda_cycle():
+    with pytest.raises(TrainingInputError, match="lambda_cycle = 0.0 is invalid: .*weighs the reconstruction too"):
+        MergeConfig(loss_weighting="equation", lambda_cycle=0.0).validate()
+    MergeConfig(loss_weighting="text", lambda_cycle=0.0).validate()
+    MergeConfig(method="ziprank", loss_weighting="equation", lambda_cycle=0.0).validate()
+
+
+def test_configs_saved_before_the_options_resume_with_the_old_readings():
+    from dataclasses import asdict
+
+    from idlora.training.duolora import LEGACY_READINGS
+
+    old = {k: v for k, v in asdict(MergeConfig(steps=7)).items() if k not in LEGACY_READINGS}
+    cfg = MergeConfig.from_saved(old)
+    assert cfg.steps == 7 and all(getattr(cfg, k) == v for k, v in LEGACY_READINGS.items())
+    new = asdict(MergeConfig(steps=7, draws="cached"))
+    assert MergeConfig.from_saved(new) == MergeConfig(steps=7, draws="cached")  # a new config keeps its own
+    with pytest.raises(TrainingInputError, match="unknown training settings"):
+        MergeConfig.from_saved({**old, "lambda_nothing": 1.0})
+
+
+def test_mean_prior_does_not_grow_with_the_number_of_mask_entries(setup):
+    model, content, style, _ = setup
+    net = MergeNetwork(_modules(model), content, style, "ziprank")
+    names = net.names
+    for n_layers in (2, len(names)):
+        kinds = {n: (CONTENT if i % 2 else STYLE, None) for i, n in enumerate(names[:n_layers])}
+        with torch.no_grad():
+            for _, layer in net.items():
+                layer.m_c.fill_(0.5), layer.m_s.fill_(0.25)
+        mean = layer_prior_loss(net, kinds, hinge=1.0, normalization="mean")
+        total = layer_prior_loss(net, kinds, hinge=1.0, normalization="sum")
+        # every layer: the dominant mask's share (0.5 or 0.25 of the longer mask) + the hinge where the other is larger
+        expect = []
+        for n, (k, _) in kinds.items():
+            layer = net.layers[n.replace(".", "__")]
+            dom, oth = (layer.m_c, layer.m_s) if k == CONTENT else (layer.m_s, layer.m_c)
+            term = float((dom.sum() + torch.relu(oth.sum() - dom.sum())).detach())
+            expect.append((term, term / max(dom.numel(), oth.numel())))
+        assert float(total) == pytest.approx(sum(t for t, _ in expect), rel=1e-6)
+        assert float(mean) == pytest.approx(sum(m for _, m in expect) / len(expect), rel=1e-6)
+        assert float(mean) <= 1.0 + 1e-6 < float(total)
+
+
+@pytest.mark.parametrize("weighting", ["equation", "text"])
+def test_the_loss_is_weighted_as_the_reading_says(setup, weighting):
+    model, content, style, _ = setup
+    cfg = MergeConfig(steps=1, method="duolora", loss_weighting=weighting, lambda_cycle=0.3, lambda_layer_prior=0.7)
+    kinds = {n: (CONTENT if i % 2 else STYLE, None) for i, n in enumerate(sorted({**content, **style}))}
+    merger = LoraMerger(model, merge_data(model), cfg, content, style, kinds)
+    merger.run()
+    p, value = merger.parts, merger.losses[-1]
+    expect = (0.7 * p["prior"] + 0.3 * (p["recon"] + p["cycle"]) if weighting == "equation" else
+              p["recon"] + 0.3 * p["cycle"] + 0.7 * p["prior"])
+    assert value == pytest.approx(expect, rel=1e-5)
+
+
+def test_norm_reconstruction_is_the_l2_norm_per_sample(setup):
+    model, content, style, _ = setup
+    merger = LoraMerger(model, merge_data(model), MergeConfig(steps=1, recon_loss="norm"), content, style, {})
+    a, b = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    assert float(merger.recon(a, b)) == pytest.approx(float((a - b).flatten(1).norm(dim=1).mean()), rel=1e-6)
+    zr = LoraMerger(model, merge_data(model), MergeConfig(method="ziprank", steps=1, recon_loss="norm"), content,
+                    style)
+    assert float(zr.recon(a, b)) == pytest.approx(float(torch.nn.functional.mse_loss(a, b)), rel=1e-6)  # DuoLoRA's only
+
+
+def test_fresh_draws_change_every_step_and_cached_draws_repeat(setup):
+    model, content, style, _ = setup
+    seen = {}
+    for mode in ("fresh", "cached"):
+        merger = LoraMerger(model, merge_data(model), MergeConfig(method="ziprank", steps=4, draws=mode,
+                                                                  cached_draws=2), content, style)
+        noises = []
+        with merger.session():
+            for _ in range(4):
+                merger.train_step()
+                noises.append(merger.draw["nc"].clone())
+        seen[mode] = noises
+        assert (merger.draws is None) == (mode == "fresh")
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen["fresh"]) for b in seen["fresh"][i + 1:])
+    assert torch.equal(seen["cached"][0], seen["cached"][2]) and not torch.equal(seen["cached"][0], seen["cached"][1])
+
+
+@pytest.mark.parametrize("steps,grad", [(1, False), (3, False), (3, True)])
+def test_identical_loras_give_zero_cycle_loss_for_every_translation(steps, grad):
+    model = TinyDiffusion(seed=0)
+    lora = trained(model, 1)
+    data = merge_data(model)
+    data = MergeData(data.content, data.style, data.cond_c, data.cond_c, data.cond_c)
+    merger = LoraMerger(model, data, MergeConfig(steps=1, translate_steps=steps, cycle_translate_grad=grad), lora,
+                        lora)
+    merger.network.set_masks({n: (torch.full_like(l.m_c, 0.5), torch.full_like(l.m_s, 0.5))
+                              for n, l in merger.network.items()})
+    with merger.session():
+        merger.sample_batch()
+        d = merger.cycle_draw
+        sigmas = merger.sigma_path(d["sc"])
+        assert len(sigmas) == steps - 1 and all(float(b) < float(a) for a, b in zip([d["sc"], *sigmas], sigmas))
+        assert float(merger.cycle_loss(d, model.prediction_type).detach()) < 1e-10
+
+
+def test_cycle_translate_grad_sends_gradient_through_the_translating_pass(setup):
+    model, content, style, _ = setup
+    grads = {}
+    for grad in (False, True):
+        merger = LoraMerger(model, merge_data(model), MergeConfig(steps=1, cycle_translate_grad=grad), content,
+                            style, {})
+        with merger.session():
+            merger.sample_batch()
+            merger.cycle_loss(merger.cycle_draw, model.prediction_type).backward()
+        grads[grad] = torch.cat([p.grad.flatten() for p in merger.network.mask_parameters()])
+    assert grads[False].abs().sum() > 0 and (grads[True] - grads[False]).abs().max() > 1e-6

@@ -113,13 +113,14 @@ def test_flux_duolora_workflow_merges_two_flux_loras(srv):
 
 
 def test_flux_identity_style_workflow_trains_both_loras_and_samples(srv):
-    """Identity stylization on the tiny Flux-dev: the three-phase job (identity term on the flow x0 through the Flux
-    VAE), two kohya Flux LoRAs through stacked stock LoraLoaderModelOnly, an image, FaceSim and the CLIP score."""
+    """Identity stylization on the tiny Flux-dev: the three-phase job (identity term on the stylized flow x0 through
+    the Flux VAE), two kohya Flux LoRAs through stacked stock LoraLoaderModelOnly, an image, FaceSim and the CLIP
+    score."""
     hist, _ = srv.run(_workflow("idlora_flux_identity_style"), timeout=600)
     _check_run(srv, hist, "16")
     out = hist["outputs"]
     job = srv.get(f"/idlora/jobs/{out['6']['idlora_job'][0]}")[1]
-    assert job["state"] == "succeeded" and job["phases"] == ["content", "style_content", "style"], job
+    assert job["state"] == "succeeded" and job["phases"] == ["style_content", "style", "content"], job
     assert job["step"] == job["total"] == 8
     loras = srv.base / "models" / "loras" / "idlora"
     for part in ("content", "style"):

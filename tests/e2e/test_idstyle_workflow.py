@@ -25,10 +25,12 @@ def test_identity_style_workflow_runs_end_to_end(srv):
     job_id = out["6"]["idlora_job"][0]
     status, job = srv.get(f"/idlora/jobs/{job_id}")
     assert status == 200 and job["state"] == "succeeded", job
-    assert job["phases"] == ["content", "style_content", "style"] and job["step"] == job["total"] == 32
+    # identity_target stylized: the style LoRA first, then the content LoRA scored on the stylized x0
+    assert job["phases"] == ["style_content", "style", "content"] and job["step"] == job["total"] == 32
     status, losses = srv.get(f"/idlora/jobs/{job_id}/loss")
     phases = [r["phase"] for r in (losses["losses"] if isinstance(losses, dict) else losses)]
-    assert phases == ["content"] * 16 + ["style_content"] * 6 + ["style"] * 10
+    assert phases == ["style_content"] * 6 + ["style"] * 10 + ["content"] * 16
+    assert 0 < job["result"]["identity_loss_last"] < 2
     loras = srv.base / "models" / "loras" / "idlora"
     assert (loras / "idlora_idstyle_example_content.safetensors").stat().st_size > 0
     assert (loras / "idlora_idstyle_example_style.safetensors").stat().st_size > 0
@@ -54,7 +56,8 @@ def test_style_image_with_a_face_is_fine_and_the_job_can_be_cancelled(srv):
     wf = workflow()
     train = {k: wf[k] for k in ("1", "2", "3", "5", "6")}
     train["4"] = {"class_type": "LoadImage", "inputs": {"image": "idlora_face_gen.jpg"}}  # a face as style
-    train["6"]["inputs"].update(name="idstyle_cancel", content_steps=400, x0_start_step=100)
+    train["6"]["inputs"].update(name="idstyle_cancel", content_steps=400, x0_start_step=100,
+                                identity_target="reconstruction")  # the content phase first
     hist, _ = srv.run(train, timeout=300)
     assert hist.get("status", {}).get("status_str") == "success", json.dumps(hist.get("status"))[:3000]
     job_id = hist["outputs"]["6"]["idlora_job"][0]

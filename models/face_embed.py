@@ -301,7 +301,7 @@ def resolve_clip_checkpoint(checkpoint: str | os.PathLike, folder: str | os.Path
 
 def read_state_dict(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
     """A state dict of tensors, on the CPU, from .safetensors or a plain torch file (.pt/.pth/.bin, read with
-    ``weights_only=True``: no code runs). A {'state_dict': ...} or {'model': ...} wrapper is opened and
+    ``weights_only=True``: no code runs). A {'state_dict' / 'model' / 'model_state_dict': ...} wrapper is opened and
     DataParallel's 'module.' prefix dropped. The one reader for backbone weights (open_clip, TAESD).
 
     Raises ValueError naming the file, followed by ``hint`` when given, when the file cannot be read or does
@@ -322,7 +322,7 @@ def read_state_dict(path: str | os.PathLike, hint: str = "") -> dict[str, torch.
         except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a torch file, or one with code in it
             raise ValueError(f"{path} is not a readable torch weights file: a plain state dict is needed "
                              f"(TorchScript archives and pickled objects are not loaded) ({e}){hint}") from e
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -18,6 +18,13 @@ CLIP-I (style)        average pairwise cosine between generated images and the s
                       image(s) (002, Sec. 5)
 DINO                  average pairwise cosine of DINO embeddings of the generated and the
                       content images (002, Sec. 5; the paper's "ViT-B/6" reads as ViT-B/16)
+CSD-s                 average pairwise cosine of CSD style descriptors of the generated and the
+                      style images (002, Sec. 5)
+DreamSim              1 - cosine of DreamSim embeddings, LOWER is closer (000)
+ImageReward           mean ImageReward of each image with its prompt (003)
+FID                   Frechet Inception distance to a reference set, LOWER is better (003)
+                      (the networks of these four: models/csd.py, dreamsim_metric.py,
+                      image_reward.py, fid_inception.py; batches: training/paper_metrics.py)
 
 Faces: a generated image in which no face was found is counted in ``no_face`` and left
 out of the mean. It is never scored as 0, and it never raises. If no image has a face, the
@@ -255,3 +262,35 @@ def dino(generated, reference) -> MetricResult:
     """DuoLoRA's DINO content score: average pairwise cosine of DINO (ViT-B/16)
     embeddings of the generated images and the content (subject) images."""
     return clip_i(generated, reference, paired=False, name="DINO")
+
+
+# ----------------------------------------------------------------------------- paper metrics with their own models
+
+def csd_style(generated, style) -> MetricResult:
+    """DuoLoRA's CSD-s: average pairwise cosine of CSD style descriptors (Somepalli et al. 2024) of the
+    generated and the style images, as CLIP-I (style) but in a space trained to separate styles."""
+    return clip_i(generated, style, paired=False, name="CSD-s")
+
+
+def dreamsim_distance(generated, reference, paired: bool = False) -> MetricResult:
+    """DreamSim distance (paper 000): 1 - cosine of DreamSim embeddings, 0 for identical images, LOWER is
+    closer. paired=False averages over all (generated, reference) pairs (values[i]: generated i's mean);
+    paired=True compares row i with row i (e.g. each stylized output with its own input photo)."""
+    res = clip_i(generated, reference, paired=paired, name="DreamSim")
+    res.values = [1.0 - v for v in res.values]
+    res.mean = None if res.mean is None else 1.0 - res.mean
+    res.detail["note"] = "distance: lower is closer"
+    return res
+
+
+def image_reward(rewards: Sequence[float]) -> MetricResult:
+    """ImageReward (DiffLoRA, 003): the mean of the per-image rewards (higher is better; the model's outputs
+    are normalised to mean 0, std 1 over its human-preference training set)."""
+    return metric_result("ImageReward", rewards)
+
+
+def fid(value: float, generated: int, reference: int, **detail) -> MetricResult:
+    """FID (DiffLoRA, 003; LOWER is better) as a MetricResult: one value for the whole set, ``count`` the
+    generated images. FID is biased high for small sets: compare values computed on equal set sizes."""
+    return MetricResult("FID", float(value), [float(value)], int(generated),
+                        detail={"reference_count": int(reference), **detail})

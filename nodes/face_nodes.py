@@ -354,7 +354,8 @@ class DinoScore(io.ComfyNode):
 class EvaluationReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        tip = "Metrics from IDLoRA Identity Similarity, CLIP Score or DINO Score (optional)."
+        tip = ("Metrics from an IDLoRA metric node: Identity Similarity, CLIP Score, DINO Score, FID, CSD Style "
+               "Score, DreamSim or ImageReward (optional).")
         return io.Schema(
             node_id="IDLoRAEvaluationReport",
             display_name="IDLoRA Evaluation Report",
@@ -378,8 +379,9 @@ class EvaluationReport(io.ComfyNode):
     def execute(cls, name, metrics_1=None, metrics_2=None, metrics_3=None, metrics_4=None) -> io.NodeOutput:
         metrics = ev.merge_metrics([metrics_1, metrics_2, metrics_3, metrics_4])
         if not metrics:
-            raise ValueError("no metrics connected: link the 'metrics' output of an IDLoRA Identity Similarity, "
-                             "CLIP Score or DINO Score node to metrics_1")
+            raise ValueError("no metrics connected: link the 'metrics' output of an IDLoRA metric node (Identity "
+                             "Similarity, CLIP Score, DINO Score, FID, CSD Style Score, DreamSim, ImageReward) to "
+                             "metrics_1")
         folder = os.path.join(folder_paths.get_output_directory(), REPORT_SUBDIR)
         paths = ev.write_metrics_report(folder, name, metrics, {"name": name})
         table = ev.render_table(ev.CSV_HEADER, ev.metric_rows(metrics), title=f"IDLoRA report: {name}")

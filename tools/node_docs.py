@@ -27,6 +27,7 @@ README_SECTIONS = {  # node module -> (README section title, its anchor)
     "lora_nodes": ("Plain LoRA", "plain-lora"),
     "job_nodes": ("Background training jobs", "background-training-jobs"),
     "face_nodes": ("Faces, identity and the metrics", "faces-identity-and-the-metrics"),
+    "metric_nodes": ("Faces, identity and the metrics", "faces-identity-and-the-metrics"),
     "idstyle_nodes": ("Identity-preserving stylization", "identity-preserving-stylization"),
     "guidance_nodes": ("Identity-preserving stylization", "identity-preserving-stylization"),
     "meta_lora_nodes": ("Meta-LoRA", "meta-lora"),

@@ -99,7 +99,8 @@ COL_GAP, ROW_GAP, NOTE_GAP = 70, 40, 24  # px between columns; between a body an
 GROUP_PAD, GROUP_TITLE_H, GROUP_GAP = 24, 34, 80  # LGraphGroup title: font_size 24 * 1.4
 GROUP_COLORS = ["#3f789e", "#b06634", "#8A8", "#a1309b", "#b58b2a", "#88A", "#8AA", "#A88"]  # LGraphCanvas palette
 TRAIN_WORDS = ("Train", "Stage1", "Personalize", "BuildLoraDataset", "Merge")  # a class that makes a LoRA
-SCORE_WORDS = ("Similarity", "ClipScore", "DinoScore", "EvaluationReport", "ComparisonBoard")
+SCORE_WORDS = ("Similarity", "ClipScore", "DinoScore", "FIDScore", "CSDScore", "DreamSimScore", "ImageReward",
+               "EvaluationReport", "ComparisonBoard")
 
 
 def _up(v: float, step: int = 10) -> int:

@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from pack import import_pack
     import_pack()
     from idlora.training.config import add_flags
-    from idlora.training.meta_lora import MetaStage1Config
+    from idlora.training.meta_lora import STAGE1_PRESETS, MetaStage1Config
     p = argparse.ArgumentParser(description="Meta-LoRA stage 1: meta-train the shared Meta-Down over many "
                                             "identities (single process or under torchrun).")
     p.add_argument("--checkpoint", required=True, help="the base model: a ComfyUI checkpoint (.safetensors / .ckpt) "
@@ -88,10 +88,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="", help="name recorded in the Meta-Down file (default: the --out folder's name)")
     p.add_argument("--res", type=int, default=512, help="training resolution in px (square, a multiple of 8)")
     p.add_argument("--class-word", default="person", help="class word of the prompts ('a photo of sks <class word>')")
-    add_flags(p, MetaStage1Config, STAGE1_FLAGS, steps=50000)
+    paper = ", ".join(f"{k} {v:g}" for k, v in MetaStage1Config.preset_settings("paper").items())
+    p.add_argument("--preset", default="small", choices=STAGE1_PRESETS,
+                   help=f"small: the defaults below (a CPU, a few identities); paper: the paper's stage 1 ({paper}; "
+                        f"q_warmup = 0.4 x 2500 = 1000). Flags given override the preset.")
+    add_flags(p, MetaStage1Config, STAGE1_FLAGS)
+    p.set_defaults(**{flag_dest(flag): None for flag, _, _ in STAGE1_FLAGS})  # None: not given, the preset's
     add_loop_flags(p, 500, "OUTDIR/checkpoint_rank*.pt", "Meta-Down; writes OUTDIR/sync.tsv")
     add_comfy_flag(p)
     return p.parse_args(argv)
+
+
+def flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def stage1_config(a: argparse.Namespace):
+    """The --preset's MetaStage1Config with the flags that were given; the resolved values are written back into
+    ``a`` (the resume fingerprint compares them)."""
+    from idlora.training.meta_lora import MetaStage1Config
+    given = {name: v for flag, name, _ in STAGE1_FLAGS if (v := getattr(a, flag_dest(flag))) is not None}
+    cfg = MetaStage1Config.preset(a.preset, **given)
+    for flag, name, _ in STAGE1_FLAGS:
+        setattr(a, flag_dest(flag), getattr(cfg, name))
+    return cfg
 
 
 def add_comfy_flag(p: argparse.ArgumentParser) -> None:
@@ -200,9 +220,15 @@ def load_diffusion(checkpoint: str, who: str, clip_files: list[str] | None = Non
     """The checkpoint as a ComfyDiffusion, loaded with ComfyUI in-process (after ``setup_comfy``); InputError when it
     lacks a U-Net, CLIP or VAE (``who`` needs them). ``clip_files``: text encoder files that replace the checkpoint's
     (ComfyUI's CLIPLoader / DualCLIPLoader with ``clip_type``; e.g. Flux's t5xxl + clip_l with type flux)."""
+    ComfyDiffusion = import_adapter()
+    return ComfyDiffusion(*load_checkpoint_parts(checkpoint, who, clip_files, clip_type), load="private")
+
+
+def load_checkpoint_parts(checkpoint: str, who: str, clip_files: list[str] | None = None,
+                          clip_type: str = "stable_diffusion"):
+    """(MODEL, CLIP, VAE) of the checkpoint as ComfyUI's loaders give them (see ``load_diffusion``)."""
     import comfy.sd
     import folder_paths
-    ComfyDiffusion = import_adapter()
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)[:3]
     if clip_files:
         kind = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
@@ -217,7 +243,7 @@ def load_diffusion(checkpoint: str, who: str, clip_files: list[str] | None = Non
     if model is None or clip is None or vae is None:
         raise InputError(f"--checkpoint {checkpoint} lacks a U-Net, CLIP or VAE: {who} needs them (a checkpoint "
                          f"without text encoders, such as Flux's, takes them from --clip)")
-    return ComfyDiffusion(model, clip, vae, load="private")
+    return model, clip, vae
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -356,15 +382,14 @@ def train(a: argparse.Namespace, rank: int, world: int, device, backend: str) ->
     out = Path(a.out)
     check_args(a)
     # cheap checks first: every process fails the same way before loading the model
-    from idlora.training.config import from_flags
-    from idlora.training.meta_lora import MetaLoraStage1, MetaStage1Config, save_meta_down
+    from idlora.training.meta_lora import MetaLoraStage1, save_meta_down
     from idlora.training.meta_lora_data import encode_identity_set, load_images, scan_identity_folder
 
     identities = scan_identity_folder(a.data)
     if len(identities) < world:
         raise InputError(f"{len(identities)} identities for {world} processes: every process needs at least one "
                          f"identity; use fewer processes or more identities")
-    cfg = from_flags(MetaStage1Config, a, STAGE1_FLAGS)
+    cfg = stage1_config(a)
     check_resume_files(out, world, a.resume)
     fp = fingerprint(a, identities, world)
     n_images = sum(len(ps) for _, ps in identities)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+import math
+from typing import Any, ClassVar
 
 from ..models.config import Config, ConfigError, field_types, from_dict, invalid
 
-__all__ = ["Config", "ConfigError", "Flag", "TrainingConfig", "TrainingInputError", "add_flags", "field_types",
-           "from_dict", "from_flags", "invalid"]
+__all__ = ["Config", "ConfigError", "Flag", "Presets", "TrainingConfig", "TrainingInputError", "add_flags",
+           "field_types", "from_dict", "from_flags", "invalid"]
 
 Flag = tuple[str, str, str]  # (command-line flag, config field, help)
 
@@ -25,6 +26,46 @@ class TrainingConfig(Config):
 
     _error = TrainingInputError
     _label = "training settings"
+
+
+class Presets:
+    """Mixin for a TrainingConfig dataclass with named presets: ``_presets`` maps a name to the settings it fixes
+    ("small": the dataclass defaults). Used by Meta-LoRA stage 1 (``MetaStage1Config``)."""
+
+    _presets: ClassVar[dict[str, dict]] = {"small": {}}
+
+    @classmethod
+    def preset(cls, name: str = "small", **settings):
+        """The validated config of preset ``name``; ``settings`` override it (a tool's flags that were given)."""
+        if name not in cls._presets:
+            raise TrainingInputError(f"preset = {name!r} is invalid: use one of {tuple(cls._presets)}")
+        return cls(**{**cls._presets[name], **settings}).validate()
+
+    @classmethod
+    def preset_settings(cls, name: str) -> dict:
+        """The settings preset ``name`` fixes (the rest are the dataclass defaults)."""
+        cls.preset(name)
+        return dict(cls._presets[name])
+
+    @classmethod
+    def from_widgets(cls, name: str, **widgets):
+        """The config of a node: preset ``name`` and the node's widget values. A widget of a setting the preset
+        fixes must hold the preset's value or the dataclass default (then the preset's value is used); any other
+        value is an error naming it, so that no widget is ignored in silence."""
+        cls.preset(name)
+        fixed, small = cls._presets[name], cls()
+
+        def same(a, b) -> bool:  # a float widget may come back with rounding noise
+            return math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) or isinstance(b, float) else a == b
+        clash = {k: v for k, v in widgets.items() if k in fixed and not same(v, fixed[k])
+                 and not same(v, getattr(small, k))}
+        if clash:
+            raise TrainingInputError(
+                f"preset {name!r} sets {', '.join(f'{k} = {fixed[k]!r}' for k in clash)}, but the widget value"
+                f"{'s' if len(clash) > 1 else ''} {', '.join(f'{k} = {v!r}' for k, v in clash.items())} differ: set "
+                f"preset 'small' to train with your own values, or reset "
+                f"{', '.join(f'{k} to {getattr(small, k)!r}' for k in clash)}")
+        return cls.preset(name, **{k: v for k, v in widgets.items() if k not in fixed})
 
 
 def add_flags(parser: Any, cls: type, flags: tuple[Flag, ...], **defaults: Any) -> None:

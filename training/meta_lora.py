@@ -18,6 +18,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -28,11 +29,15 @@ from ..models.meta_lora import MetaLoraNetwork, check_ranks
 from .diffusion import Cond, DiffusionModel, lora_key_map, lora_stems
 from .fileio import atomic_path, read_safetensors
 from .lora_format import LoraBundle, LoraWeight
+from .config import Presets
 from .lora_trainer import BASE_MODEL_VERSIONS, LoraTrainConfig, LoraTrainer, TrainingInputError
 
 PROMPT_TEMPLATES = ("a photo of {}", "a close-up photo of {}", "a portrait of {}", "a picture of {}",
                     "a cropped photo of {}", "a good photo of {}")
 META_DOWN_METHOD = "meta_lora_down"
+# stage 2's methods: Meta-LoRA (Mid / Up on the frozen Meta-Down), and the paper's baseline "LoRA + augmented inputs"
+# (a plain rank-r2 LoRA on the same crops and layers)
+STAGE2_METHODS = ("meta_lora", "lora_aug")
 log = logging.getLogger(__name__)
 
 
@@ -104,8 +109,9 @@ class MetaLoraConfig(LoraTrainConfig):
 
 
 @dataclass
-class MetaStage1Config(MetaLoraConfig):
-    """``steps`` is q_total."""
+class MetaStage1Config(Presets, MetaLoraConfig):
+    """``steps`` is q_total. Presets (``MetaStage1Config.preset(name)``): "small", the defaults below (a CPU and a
+    handful of identities), and "paper", the paper's settings."""
     steps: int = 2000
     batch_size: int = 4
     r1: int = 128
@@ -113,6 +119,15 @@ class MetaStage1Config(MetaLoraConfig):
     bucket_steps: int = 0              # q_bucket; 0: each image of a bucket is used about `uses_per_image` times
     uses_per_image: float = 10.0
     warmup_fraction: float = 0.4       # q_warmup = warmup_fraction * q_bucket
+
+    # the paper (Sec. 3, 4.2, App. B.1): q_total 50,000, q_bucket 2,500, q_warm-up 1,000 = 0.4 q_bucket, lr 4e-4,
+    # batch 4, r1 128, r2 1. It gives the bucket size in iterations, not in identities: each image of a bucket is
+    # used 10 times (Sec. 3) and every identity has 20 images (Sec. 4.2), so a bucket holds 2,500 x 4 / (10 x 20) = 50
+    # identities (its 1,050 female identities: 21 buckets, 52,500 iterations, about q_total).
+    _presets: ClassVar[dict[str, dict]] = {
+        "small": {},
+        "paper": dict(steps=50000, bucket_steps=2500, identities_per_bucket=50, warmup_fraction=0.4,
+                      uses_per_image=10.0, learning_rate=4e-4, batch_size=4, r1=128, rank=1)}
 
     def validate(self) -> "MetaStage1Config":
         super().validate()
@@ -127,6 +142,9 @@ class MetaStage1Config(MetaLoraConfig):
         self.need(self.uses_per_image > 0, "uses_per_image", "use a number > 0 (the paper: 10)")
         self.need(0 <= self.warmup_fraction < 1, "warmup_fraction", "use a fraction 0 <= f < 1 (the paper: 0.4)")
         return self
+
+
+STAGE1_PRESETS = tuple(MetaStage1Config._presets)  # "small" (the CPU default), "paper"
 
 
 @dataclass
@@ -316,6 +334,38 @@ class MetaLoraPersonalizer(LoraTrainer):
     def bundle(self) -> LoraBundle:
         weights = {n: LoraWeight(d, u, a) for n, (d, u, a) in self.network.collapse(0).items()}
         return LoraBundle(weights=weights, metadata=self.metadata(), key_style="module", stems=lora_stems(self.model))
+
+
+class LoraAugTrainer(LoraTrainer):
+    """The paper's baseline "rank-1 LoRA + augmented inputs" (Tables 1, 3, 4): a plain rank-r2 LoRA (Down and Up both
+    train; Down kaiming, Up zero, alpha = rank) on the same face-centred crops as stage 2, with stage 2's settings. By
+    default on the Meta-Down's layers (``targets``, e.g. ``check_meta_down``'s), so that the two methods adapt the same
+    layers; without them, on ``cfg.targets``."""
+
+    method = "lora_aug"
+
+    def __init__(self, model: DiffusionModel, data: CropData, config: MetaStage2Config,
+                 targets: dict[str, nn.Module] | None = None):
+        self._targets = targets
+        super().__init__(model, data, config)
+
+    def target_modules(self) -> dict[str, nn.Module]:
+        return self._targets if self._targets is not None else super().target_modules()
+
+
+def stage2_trainer(method: str, model: DiffusionModel, data: CropData, config: MetaStage2Config,
+                   meta_down: dict[str, torch.Tensor], meta: dict[str, str],
+                   init_lora: LoraBundle | None = None) -> LoraTrainer:
+    """Stage 2 by ``method`` (``STAGE2_METHODS``): ``MetaLoraPersonalizer``, or ``LoraAugTrainer`` on the Meta-Down's
+    layers (its weights are not used)."""
+    if method == "meta_lora":
+        return MetaLoraPersonalizer(model, data, config, meta_down, meta, init_lora=init_lora)
+    if method != "lora_aug":
+        raise TrainingInputError(f"method = {method!r} is invalid: use one of {STAGE2_METHODS}")
+    if init_lora is not None:
+        raise TrainingInputError("init_lora is connected, but method = 'lora_aug' (the plain LoRA baseline) always "
+                                 "starts from scratch: set method to 'meta_lora', or leave init_lora unconnected")
+    return LoraAugTrainer(model, data, config, check_meta_down(meta_down, meta, model))
 
 
 # -- stage 1 -----------------------------------------------------------------------------------------

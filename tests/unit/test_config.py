@@ -153,9 +153,9 @@ def test_difflora_train_flags_are_the_config_fields():
 def test_meta_lora_stage1_flags_are_the_config_fields():
     base = ["--checkpoint", "c", "--data", "d", "--out", "o"]
     a = meta_lora_stage1.parse_args(base)
-    assert from_flags(MetaStage1Config, a, meta_lora_stage1.STAGE1_FLAGS) == MetaStage1Config(steps=50000)
+    assert meta_lora_stage1.stage1_config(a) == MetaStage1Config()  # --preset small: the config's defaults
     a = meta_lora_stage1.parse_args(base + ["--r2", "2", "--r1", "16", "--gradient-checkpointing"])
-    cfg = from_flags(MetaStage1Config, a, meta_lora_stage1.STAGE1_FLAGS)
+    cfg = meta_lora_stage1.stage1_config(a)
     assert (cfg.rank, cfg.r1, cfg.gradient_checkpointing) == (2, 16, True)
     assert all(hasattr(a, k) for k in meta_lora_stage1.RESUME_KEYS)  # the checkpoints' fingerprint keys
     a.log_every = 0

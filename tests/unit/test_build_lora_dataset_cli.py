@@ -201,14 +201,14 @@ def test_a_flux_dataset_builds_and_trains_a_difflora_that_samples_flux_loras(dat
     pop = load_population(out)
     assert len(pop.entries) == len(PHOTOS) and {e["base_model"] for e in pop.entries} == {"flux"}
     names = set(pop.bundles["id0"].weights)
-    assert names and all(n.startswith(("double_blocks.", "single_blocks.")) for n in names)
+    assert names and all(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names)
 
     def train(*argv: str) -> int:
         return difflora_train.train(difflora_train.parse_args(list(argv)), 0, 1, torch.device("cpu"), "none")
 
     small = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "0"]
     lae, dl = tmp_path / "lae.safetensors", tmp_path / "difflora.safetensors"
-    assert train("lae", "--dataset", str(out), "--out", str(lae), *small, "--patch", "8", "--levels", "2",
+    assert train("lae", "--dataset", str(out), "--out", str(lae), *small, "--patch", "64", "--levels", "2",
                  "--channels", "16", "--latent-channels", "2", "--heads", "2", "--mlp-hidden", "16") == 0
     assert train("dit", "--dataset", str(out), "--lae", str(lae), "--out", str(dl), *small, "--hidden", "16",
                  "--depth", "1", "--heads", "2") == 0

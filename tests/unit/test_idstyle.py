@@ -268,7 +268,7 @@ def test_stylized_x0_loss_reaches_the_content_lora_only(photo):
         total = trainer.loss(x0, cond, noise, sigma)
         (base, base_styled), (term, term_styled) = trainer._deferred
         assert (base_styled, term_styled) == (False, True)
-        assert float(total) == pytest.approx(float(base) + float(term))
+        assert total.item() == pytest.approx(base.item() + term.item())
         base.backward()
         assert all(p.grad is None for p in style.parameters())
         with style.attached():

@@ -22,8 +22,6 @@ images, larger for less similar ones.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import threading
 import warnings
@@ -105,19 +103,19 @@ def load_dreamsim(folder: str | Path, kind: str = "ensemble", device: str | torc
         from dreamsim import dreamsim as build
     except ImportError as exc:
         raise ImportError("DreamSim needs the 'dreamsim' package: pip install dreamsim==0.2.1") from exc
-    hub_dir, chatter = torch.hub.get_dir(), io.StringIO()
-    with _BUILD_LOCK, mock.patch.object(torch.hub, "load", _local_hub_load(folder)), \
-            contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+    hub_dir = torch.hub.get_dir()
+    with _BUILD_LOCK, mock.patch.object(torch.hub, "load", _local_hub_load(folder)), warnings.catch_warnings():
         # the package wraps its model in peft twice (get_peft_model, then PeftModel.from_pretrained with the
         # released adapter, which is the one that runs); peft warns about the second wrapper
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message="Unexpected keyword arguments")  # older releases' adapter_config
         warnings.filterwarnings("ignore", message=".*weight_norm` is deprecated")  # the package's DINO head
         try:
             model, _ = build(pretrained=True, device=str(device), cache_dir=str(folder), dreamsim_type=kind,
                              normalize_embeds=True)
         finally:
             torch.hub.set_dir(hub_dir)  # the package points torch.hub at its cache folder for good
-    log.info("DreamSim %s from %s: %s", kind, folder, chatter.getvalue().strip())
+    log.info("DreamSim %s loaded from %s", kind, folder)
     return model
 
 

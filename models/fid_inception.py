@@ -124,7 +124,7 @@ def save_statistics(path: str | Path, stats: dict, count: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        np.savez_compressed(f, mu=stats["mu"], sigma=stats["sigma"], count=np.int64(count))
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], count=np.int64(count))  # covariances hardly compress
     return path
 
 

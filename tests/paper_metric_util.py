@@ -5,8 +5,9 @@ released file name, for the tests to load through the real loading code.
   scale through 90 layers (the default init shrinks them to ~1e-8).
 - CSD: the CLIP ViT image tower + style/content projections in CSD's training-checkpoint layout
   ({'model_state_dict': {'module.backbone.*', ...}, 'args': Namespace}), at a small width (sizes come from the file).
-- DreamSim: the package's own ViT-B/32 (full size) and a peft LoRA adapter with non-zero B, for the
-  open_clip_vitb32 type; DINO's ViT-B/16 backbone file for the dino path.
+- DreamSim: the package's own ViT-B/32 / ViT-B/16 (full size) and a LoRA adapter with non-zero B written in peft's
+  saved layout with an older peft's adapter_config.json (as a 2023 release), for the open_clip_vitb32 and
+  dino_vitb16 types; DINO's ViT-B/16 backbone file for the dino path.
 - ImageReward: BLIP's ViT + BERT with cross-attention in ImageReward.pt's key layout, written from an explicit
   list of the original names (independent of the loader's renaming), at a small width, and a small WordPiece
   vocab.txt.
@@ -14,6 +15,7 @@ released file name, for the tests to load through the real loading code.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -53,26 +55,41 @@ def write_csd(folder: Path, name: str = "checkpoint.pth", seed: int = 0, **sizes
     return folder / name
 
 
+LORA_CONFIG = {"base_model_name_or_path": None, "bias": "none", "enable_lora": None, "fan_in_fan_out": False,
+               "inference_mode": True, "lora_alpha": 0.5, "lora_dropout": 0.3, "merge_weights": False,
+               "modules_to_save": None, "peft_type": "LORA", "r": 16, "target_modules": ["qkv"],
+               "task_type": "FEATURE_EXTRACTION"}  # an adapter_config.json of an older peft, as in a 2023 release
+
+
+def write_adapter(folder: Path, seed: int = 0) -> Path:
+    """A DreamSim LoRA folder (adapter_config.json + adapter_model.bin) written by hand in peft's saved layout: rank
+    16 on the qkv of the 12 ViT-B blocks of extractor 0, B non-zero (a trained adapter)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG))
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(12):
+        key = f"base_model.model.extractor_list.0.model.blocks.{i}.attn.qkv."
+        sd[key + "lora_A.weight"] = torch.randn(16, 768, generator=g) * 768 ** -0.5
+        sd[key + "lora_B.weight"] = torch.randn(3 * 768, 16, generator=g) * 0.5
+    torch.save(sd, folder / "adapter_model.bin")
+    return folder
+
+
+def _half(sd: dict) -> dict:
+    return {k: v.half() for k, v in sd.items()}  # half the bytes to write; load_state_dict casts back to float32
+
+
 def write_dreamsim_vitb32(folder: Path, seed: int = 0) -> Path:
     """open_clip_vitb32_pretrain.pth.tar + open_clip_vitb32_single_lora/ (DreamSim's release layout)."""
-    from dreamsim.config import dreamsim_args
     from dreamsim.feature_extraction.vision_transformer import vit_base
-    from dreamsim.model import PerceptualModel
-    from peft import LoraConfig, get_peft_model
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     vit = vit_base(patch_size=32)
     vit.pos_drop = nn.LayerNorm(768)  # CLIP's ln_pre, where DreamSim's CLIP-as-DINO port keeps it
-    sd = dict(vit.state_dict(), proj=torch.randn(768, 512) * 768 ** -0.5)
+    sd = dict(_half(vit.state_dict()), proj=torch.randn(768, 512) * 768 ** -0.5)  # proj is used as stored: fp32
     torch.save({"state_dict": sd}, folder / "open_clip_vitb32_pretrain.pth.tar")
-    base = PerceptualModel(**dreamsim_args["model_config"]["open_clip_vitb32"], device="cpu", load_dir=str(folder),
-                           normalize_embeds=True)
-    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=0.5, lora_dropout=0.3, bias="none",
-                                                 target_modules=["qkv"]))
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p, std=0.5)  # peft starts B at zero; a trained adapter is not
-    peft_model.save_pretrained(str(folder / "open_clip_vitb32_single_lora"))
+    write_adapter(folder / "open_clip_vitb32_single_lora", seed)
     return folder
 
 
@@ -80,27 +97,14 @@ def write_dreamsim_dino(folder: Path, seed: int = 0) -> Path:
     """The dino_vitb16 type: DINO's backbone (checkpoints/dino_vitbase16_pretrain.pth), DreamSim's
     dino_vitb16_pretrain.pth (DINO's training checkpoint: only the student head is read) and
     dino_vitb16_single_lora/."""
-    from dreamsim.config import dreamsim_args
-    from dreamsim.feature_extraction.vision_transformer import DINOHead
-    from dreamsim.model import PerceptualModel
-    from idlora.models.dreamsim_metric import _local_hub_load
-    from peft import LoraConfig, get_peft_model
     write_dino_backbone(folder, seed)
-    head = DINOHead(768, 2048)
-    student = {f"module.head.{k}": v for k, v in head.state_dict().items() if not k.startswith("last_layer")}
-    student["module.head.last_layer.weight"] = torch.randn(2048, 256) * 256 ** -0.5
+    g = torch.Generator().manual_seed(seed)
+    head = {"mlp.0": (2048, 768), "mlp.2": (2048, 2048), "mlp.4": (256, 2048)}  # DINOHead(768, 2048)
+    student = {f"module.head.{k}.weight": torch.randn(*shape, generator=g) * 0.02 for k, shape in head.items()}
+    student.update({f"module.head.{k}.bias": torch.zeros(shape[0]) for k, shape in head.items()})
+    student["module.head.last_layer.weight"] = torch.randn(2048, 256, generator=g) * 256 ** -0.5
     torch.save({"student": student}, folder / "dino_vitb16_pretrain.pth")
-    hub_dir = torch.hub.get_dir()
-    with mock.patch.object(torch.hub, "load", _local_hub_load(folder)):
-        base = PerceptualModel(**dreamsim_args["model_config"]["dino_vitb16"], device="cpu", load_dir=str(folder),
-                               normalize_embeds=True)
-    torch.hub.set_dir(hub_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=0.5, lora_dropout=0.3, bias="none",
-                                                 target_modules=["qkv"]))
-    for name, p in peft_model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p, std=0.5)
-    peft_model.save_pretrained(str(folder / "dino_vitb16_single_lora"))
+    write_adapter(folder / "dino_vitb16_single_lora", seed)
     return folder
 
 
@@ -110,7 +114,7 @@ def write_dino_backbone(folder: Path, seed: int = 0) -> Path:
     from idlora.models.dreamsim_metric import DINO_BACKBONE
     torch.manual_seed(seed)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.save(vit_base(patch_size=16, num_classes=0).state_dict(), folder / "checkpoints" / DINO_BACKBONE)
+    torch.save(_half(vit_base(patch_size=16, num_classes=0).state_dict()), folder / "checkpoints" / DINO_BACKBONE)
     return folder / "checkpoints" / DINO_BACKBONE
 
 
@@ -172,6 +176,5 @@ def write_image_reward(folder: Path, seed: int = 0, **sizes) -> Path:
 
 def lora_b_of(folder: Path, adapter: str = "open_clip_vitb32_single_lora") -> dict:
     """The saved adapter's B matrices (to check that the loader applied them)."""
-    from safetensors.torch import load_file
-    sd = load_file(str(folder / adapter / "adapter_model.safetensors"))
+    sd = torch.load(folder / adapter / "adapter_model.bin", weights_only=True)
     return {k: v for k, v in sd.items() if "lora_B" in k}

@@ -64,12 +64,19 @@ def test_fid_csd_image_reward_nodes_score_and_feed_the_report(mn, models_dir):
     assert "csd_small.pth" in mn.CSDScore.define_schema().inputs[0].options
     gen, ref = _batch(2, 1), _batch(2, 2, 48)
     with torch.inference_mode():  # as ComfyUI runs a prompt
-        fid_same, _, _ = mn.FIDScore.execute(mn.FID_WEIGHTS, gen, gen).args
         fid, fid_text, fid_metrics = mn.FIDScore.execute(mn.FID_WEIGHTS, gen, ref).args
         fid_none = mn.FIDScore.execute(mn.FID_WEIGHTS, gen).args[0]
         csd, _, csd_metrics = mn.CSDScore.execute("csd_small.pth", gen, ref[:1]).args
         reward, _, ir_metrics = mn.ImageRewardScore.execute(gen, "a photo of a person\na painting").args
-    assert fid > 0 and abs(fid_same) < 1e-6 * fid and math.isnan(fid_none) and fid_text.startswith("FID ")
+    assert fid > 0 and math.isnan(fid_none) and fid_text.startswith("FID ")
+    assert fid_metrics["FID"]["count"] == 2 and fid_metrics["FID"]["detail"]["reference_count"] == 2
+    # reference statistics saved in models/fid, chosen by name: the same FID as the reference images give
+    from idlora.models import fid_inception as fi
+    feats = mn.scorer("FID", mn.FID_WEIGHTS)(ref.movedim(-1, 1))
+    fi.save_statistics(models_dir / "fid" / "ref_stats.npz", fi.fid_statistics(feats), 2)
+    assert mn.FIDScore.execute(mn.FID_WEIGHTS, gen, None, "ref_stats.npz").args[0] == pytest.approx(fid, rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        mn.FIDScore.execute(mn.FID_WEIGHTS, gen, None, "nope.npz")
     assert -1 <= csd <= 1 and csd_metrics["CSD-s"]["count"] == 2
     assert math.isfinite(reward) and len(ir_metrics["ImageReward"]["values"]) == 2
     table, summary = face_nodes.EvaluationReport.execute("paper_metrics", fid_metrics, csd_metrics, ir_metrics).args

@@ -17,9 +17,10 @@ from ..training.diffusion import lora_key_map
 from ..training.lora_format import sanitize_save_name
 from ..training.meta_augment import AugmentConfig, augment, largest_face_box, preview_sheet
 from ..training.lora_format import LoraBundle
-from ..training.meta_lora import (CropData, MetaLoraPersonalizer, MetaStage1Config, MetaStage2Config,
-                                  check_meta_down, load_meta_down, match_init_lora)
-from ..training.meta_lora_data import encode_identity_set, labels_to_identities, load_images, scan_identity_folder
+from ..training.meta_lora import (STAGE1_PRESETS, STAGE2_METHODS, MetaStage1Config, MetaStage2Config,
+                                  check_meta_down, load_meta_down, match_init_lora, stage2_trainer)
+from ..training.meta_lora_data import (encode_crops, encode_identity_set, labels_to_identities, load_images,
+                                       scan_identity_folder)
 from ..training.meta_lora_job import MetaPersonalizeTask, MetaStage1Task
 from . import model_source
 from .comfy_adapter import ComfyDiffusion, check_targets_fit
@@ -72,6 +73,15 @@ def _aug_inputs():
                                  "of 64).")]
 
 
+def _stage1_preset_input() -> io.Combo.Input:
+    paper = ", ".join(f"{k} {v:g}" for k, v in MetaStage1Config.preset_settings("paper").items())
+    return io.Combo.Input("preset", options=list(STAGE1_PRESETS), default=STAGE1_PRESETS[0], optional=True,
+                          tooltip=f"small: the widgets below as they are (defaults for a CPU and a few identities). "
+                                  f"paper: the paper's stage 1 ({paper}; q_warmup = 0.4 x 2500 = 1000); the widgets "
+                                  f"of these settings must then keep their defaults (or the paper's value), the "
+                                  f"others (targets, seed, ...) apply.")
+
+
 class MetaStage1(JobNode):
     @classmethod
     def define_schema(cls):
@@ -90,6 +100,7 @@ class MetaStage1(JobNode):
                 class_word_input("person"),
                 io.Int.Input("image_size", default=512, min=64, max=2048, step=64,
                              tooltip="Images are centre-cropped and resized to this square size."),
+                _stage1_preset_input(),
                 io.Int.Input("r1", default=S1.r1, min=1, max=1024, tooltip="Meta-Down output rank (paper: 128)."),
                 io.Int.Input("r2", default=S1.rank, min=1, max=256, tooltip="Mid output rank (paper: 1)."),
                 io.Combo.Input("targets", options=list(PRESETS), default=S1.targets, tooltip="LoRA target layers."),
@@ -120,10 +131,11 @@ class MetaStage1(JobNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, class_word, image_size, r1, r2, targets, steps, learning_rate,
                 batch_size, identities_per_bucket, bucket_steps, warmup_fraction, seed, name, images=None,
-                labels="") -> io.NodeOutput:
-        cfg = MetaStage1Config(steps=steps, learning_rate=learning_rate, rank=r2, r1=r1, targets=targets,
-                               batch_size=batch_size, identities_per_bucket=identities_per_bucket,
-                               bucket_steps=bucket_steps, warmup_fraction=warmup_fraction, seed=seed).validate()
+                labels="", preset=STAGE1_PRESETS[0]) -> io.NodeOutput:
+        cfg = MetaStage1Config.from_widgets(preset, steps=steps, learning_rate=learning_rate, rank=r2, r1=r1,
+                                            targets=targets, batch_size=batch_size,
+                                            identities_per_bucket=identities_per_bucket, bucket_steps=bucket_steps,
+                                            warmup_fraction=warmup_fraction, seed=seed)
         check_targets_fit(model, targets)  # before the images are encoded and the job starts
         if images is not None:
             identities = [(n, _resize(x, image_size)) for n, x in labels_to_identities(images, labels)]
@@ -182,12 +194,18 @@ class MetaPersonalize(BackgroundNode):
             display_name="IDLoRA Meta-LoRA Personalize",
             category=CATEGORY,
             description="Meta-LoRA stage 2 (Algorithm 2): fit Mid and Up to one photo's face-centred crops with the "
-                        "Meta-Down frozen, then collapse to a standard rank-r2 LoRA (kohya format).",
+                        "Meta-Down frozen, then collapse to a standard rank-r2 LoRA (kohya format). method lora_aug: "
+                        "the paper's baseline, a plain rank-r2 LoRA on the same crops.",
             inputs=[
                 *diffusion_inputs("The base model the Meta-Down was trained on.", "Encodes the prompt.",
                                   "Encodes the crops."),
                 io.Image.Input("photo", tooltip="One photo of the person (the first image of the batch is used)."),
                 MetaDownHandle.Input("meta_down", tooltip="From IDLoRA Load Meta-Down."),
+                io.Combo.Input("method", options=list(STAGE2_METHODS), default=STAGE2_METHODS[0], optional=True,
+                               tooltip="meta_lora: Mid and Up on the frozen Meta-Down, collapsed to a rank-r2 LoRA. "
+                                       "lora_aug: the paper's baseline 'LoRA + augmented inputs', a plain rank-r2 "
+                                       "LoRA (Down and Up train) on the same crops, layers and settings; the "
+                                       "Meta-Down gives only its layer list."),
                 io.String.Input("prompt", default="a photo of sks person", tooltip="Prompt of every crop."),
                 io.Int.Input("r2", default=S2.rank, min=1, max=256, tooltip="Rank of Mid, and of the LoRA "
                                                                            "(paper: 1)."),
@@ -211,9 +229,15 @@ class MetaPersonalize(BackgroundNode):
 
     @classmethod
     def execute(cls, model, clip, vae, photo, meta_down, prompt, r2, steps, learning_rate, seed, max_images=25,
-                resolution=512, mode="blocking", name="idlora_meta_lora", init_lora=None) -> io.NodeOutput:
+                resolution=512, mode="blocking", name="idlora_meta_lora", init_lora=None,
+                method=STAGE2_METHODS[0]) -> io.NodeOutput:
         if not isinstance(meta_down, dict) or "weights" not in meta_down:
             raise ValueError("meta_down is empty: connect IDLoRA Load Meta-Down")
+        if method not in STAGE2_METHODS:
+            raise ValueError(f"method = {method!r} is invalid: use one of {STAGE2_METHODS}")
+        if method == "lora_aug" and init_lora is not None:
+            raise ValueError("init_lora is connected, but method = 'lora_aug' (the plain LoRA baseline) starts from "
+                             "scratch: set method to 'meta_lora', or leave init_lora unconnected")
         cfg = MetaStage2Config(steps=steps, learning_rate=learning_rate, rank=r2, seed=seed,
                                targets=meta_down["meta"].get("idlora_targets", "attn")).validate()
         aug = AugmentConfig(max_images=max_images, out_area=resolution * resolution, seed=seed).validate()
@@ -229,33 +253,24 @@ class MetaPersonalize(BackgroundNode):
                     targets = check_meta_down(meta_down["weights"], meta_down["meta"], diffusion)
                     init = LoraBundle(match_init_lora(init_lora, targets, meta_down["weights"], cfg.rank,
                                                       key_map=lora_key_map(diffusion)))
-                return cls.start_job(cfg, meta_down, encode_crops(diffusion, crops, prompt), name, init)
+                if method == "lora_aug":
+                    check_meta_down(meta_down["weights"], meta_down["meta"], diffusion)  # its layers fit: now
+                return cls.start_job(cfg, meta_down, encode_crops(diffusion, crops, prompt), name, init, method)
             diffusion = ComfyDiffusion(model, clip, vae)
             data = encode_crops(diffusion, crops, prompt)
-            trainer = MetaLoraPersonalizer(diffusion, data, cfg, meta_down["weights"], meta_down["meta"],
-                                           init_lora=init_lora)
+            trainer = stage2_trainer(method, diffusion, data, cfg, meta_down["weights"], meta_down["meta"], init_lora)
             bundle = trainer.run(progress_callback(cfg.steps))
-        text = f"{len(crops)} crops"
-        if trainer.init_report:
+        text = f"{len(crops)} crops" + (", plain LoRA + augmented inputs (lora_aug)" if method == "lora_aug" else "")
+        if getattr(trainer, "init_report", None):
             text += (f"; started from init_lora, relative projection error {trainer.init_report['delta_error']:.2e}"
                      f" (worst layer down {trainer.init_report['down_error']:.2e})")
         return io.NodeOutput(bundle, {"loss": trainer.losses}, "", ui={"text": [text]})
 
     @classmethod
-    def start_job(cls, cfg, meta_down, data, name, init_lora=None) -> io.NodeOutput:
+    def start_job(cls, cfg, meta_down, data, name, init_lora=None, method=STAGE2_METHODS[0]) -> io.NodeOutput:
         return start_lora_job(cls, name, lambda path, lora_name, source: MetaPersonalizeTask(
-            cfg, meta_down["path"], path, lora_name, source, load_private_model, data, init_lora=init_lora))
-
-
-def encode_crops(diffusion, crops: list[np.ndarray], prompt: str) -> CropData:
-    latents, conds = [], []
-    with torch.no_grad():
-        for c in crops:
-            img = torch.from_numpy(c).float()[None] / 255.0
-            latents.append(diffusion.encode_images(img).to(diffusion.device, torch.float32))
-            cond = diffusion.encode_prompts([prompt], c.shape[1], c.shape[0])
-            conds.append({k: v.to(diffusion.device) for k, v in cond.items()})
-    return CropData(latents, conds)
+            cfg, meta_down["path"], path, lora_name, source, load_private_model, data, init_lora=init_lora,
+            method=method))
 
 
 class MetaAugmentPreview(io.ComfyNode):

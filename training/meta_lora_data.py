@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .diffusion import Cond, DiffusionModel
-from .meta_lora import IdentitySet, identity_prompts
+from .meta_lora import CropData, IdentitySet, identity_prompts
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +144,15 @@ def encode_identity_set(model: DiffusionModel, identities: list[tuple[str, torch
     cond = {k: v.to(model.device)[index.to(model.device)] for k, v in encoded.items()}
     owner = torch.arange(len(identities)).repeat_interleave(torch.tensor(counts))
     return IdentitySet(names, torch.cat(latents), cond, owner)
+
+
+def encode_crops(model: DiffusionModel, crops: list[np.ndarray], prompt: str) -> CropData:
+    """Stage 2's data: each crop ((h, w, 3) uint8, sizes may differ) encoded on its own, with the prompt's row."""
+    latents, conds = [], []
+    with torch.no_grad():
+        for c in crops:
+            img = torch.tensor(np.asarray(c), dtype=torch.float32)[None] / 255.0
+            latents.append(model.encode_images(img).to(model.device, torch.float32))
+            cond = model.encode_prompts([prompt], c.shape[1], c.shape[0])
+            conds.append({k: v.to(model.device) for k, v in cond.items()})
+    return CropData(latents, conds)

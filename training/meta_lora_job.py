@@ -14,8 +14,8 @@ from typing import Callable
 from .diffusion import DiffusionModel
 from .jobs import load_job_data, save_job_data
 from .lora_format import LoraBundle, LoraWeight, save_bundle
-from .meta_lora import (CropData, IdentitySet, MetaLoraPersonalizer, MetaLoraStage1, MetaStage1Config,
-                        MetaStage2Config, load_meta_down, save_meta_down)
+from .meta_lora import (CropData, IdentitySet, MetaLoraStage1, MetaStage1Config, MetaStage2Config, load_meta_down,
+                        save_meta_down, stage2_trainer)
 
 ModelLoader = Callable[[dict], DiffusionModel]
 
@@ -70,12 +70,14 @@ class MetaPersonalizeTask:
 
     def __init__(self, cfg: MetaStage2Config, meta_down_path: str, output_path: str, lora_name: str,
                  model_source: dict, model_loader: ModelLoader, data: CropData | None = None,
-                 sample_every: int = 0, init_lora: LoraBundle | None = None):
-        """``init_lora``: the LoRA stage 2 starts from (see MetaLoraPersonalizer); kept in the job's data.pt."""
+                 sample_every: int = 0, init_lora: LoraBundle | None = None, method: str = "meta_lora"):
+        """``init_lora``: the LoRA stage 2 starts from (see MetaLoraPersonalizer); kept in the job's data.pt.
+        ``method``: "meta_lora", or "lora_aug" (the plain LoRA baseline on the same crops: meta_lora.stage2_trainer)."""
         self.cfg, self.data, self.model_loader = cfg.validate(), data, model_loader
         self.init_lora = init_lora
         self.config = {"train": asdict(cfg), "meta_down_path": meta_down_path, "output_path": output_path,
-                       "lora_name": lora_name, "model_source": model_source, "sample_every": int(sample_every)}
+                       "lora_name": lora_name, "model_source": model_source, "sample_every": int(sample_every),
+                       "method": method}
 
     @classmethod
     def from_config(cls, config: dict, job_dir: Path, model_loader: ModelLoader) -> "MetaPersonalizeTask":
@@ -85,7 +87,7 @@ class MetaPersonalizeTask:
             {n: LoraWeight(w["down"], w["up"], w["alpha"]) for n, w in init.items()})
         return cls(MetaStage2Config.from_dict(config["train"]), config["meta_down_path"], config["output_path"],
                    config["lora_name"], config["model_source"], model_loader, CropData(d["latents"], d["conds"]),
-                   config.get("sample_every", 0), init)
+                   config.get("sample_every", 0), init, config.get("method", "meta_lora"))
 
     def prepare(self, job_dir: Path) -> None:
         init = None if self.init_lora is None else {
@@ -99,11 +101,12 @@ class MetaPersonalizeTask:
         data = CropData([x.to(model.device) for x in self.data.latents],
                         [{k: v.to(model.device) for k, v in c.items()} for c in self.data.conds])
         weights, meta = load_meta_down(self.config["meta_down_path"])
-        trainer = MetaLoraPersonalizer(model, data, self.cfg, weights, meta, init_lora=self.init_lora)
+        trainer = stage2_trainer(self.config["method"], model, data, self.cfg, weights, meta, self.init_lora)
         trainer.run_in_job(ctx, "personalize", self.config["sample_every"])
         bundle = trainer.bundle()
         bundle.metadata["idlora_job"] = ctx.job.id
         save_bundle(self.config["output_path"], bundle)
         return {"lora": self.config["lora_name"], "path": self.config["output_path"], "steps": trainer.step,
                 "final_loss": trainer.losses[-1] if trainer.losses else None,
-                "init_projection_error": trainer.init_report["delta_error"] if trainer.init_report else None}
+                "method": self.config["method"],
+                "init_projection_error": (getattr(trainer, "init_report", None) or {}).get("delta_error")}

@@ -86,3 +86,16 @@ def test_stage2_job_writes_a_collapsed_lora(manager, tmp_path):
     lora = load_lora(out)
     assert {w.down.shape[0] for w in lora.weights.values()} == {1} and lora.metadata["idlora_method"] == "meta_lora"
     assert job.status.result["lora"] == "idlora/person.safetensors"
+    # the baseline (method lora_aug) as a job: a plain LoRA on the Meta-Down's layers
+    out2 = tmp_path / "person_aug.safetensors"
+    task = MetaPersonalizeTask(MetaStage2Config(steps=5, rank=1, learning_rate=1e-2), str(tmp_path / "md.safetensors"),
+                               str(out2), "idlora/person_aug.safetensors", {"seed": 0}, _loader, _crops(model),
+                               method="lora_aug")
+    job = manager.submit(task, name="person_aug")
+    manager.wait(job.id, 120)
+    assert job.status.state == JobState.SUCCEEDED, job.status.error
+    base = load_lora(out2)
+    assert base.metadata["idlora_method"] == "lora_aug" and base.weights.keys() == lora.weights.keys()
+    assert job.status.result["method"] == "lora_aug"
+    rebuilt = MetaPersonalizeTask.from_config(task.config, job.dir, _loader)  # a restart rebuilds it from its config
+    assert rebuilt.config["method"] == "lora_aug"

@@ -10,7 +10,7 @@ from . import routes
 routes.register_with_server()
 
 NODE_MODULES = ("lora_nodes", "job_nodes", "face_nodes", "metric_nodes", "idstyle_nodes", "guidance_nodes",
-                "meta_lora_nodes", "duolora_nodes", "difflora_nodes", "board_nodes")
+                "meta_lora_nodes", "meta_lora_eval_nodes", "duolora_nodes", "difflora_nodes", "board_nodes")
 
 
 class IDLoRAExtension(ComfyExtension):

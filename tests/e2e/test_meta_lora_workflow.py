@@ -37,6 +37,33 @@ def test_meta_lora_workflow_runs_end_to_end(srv):
     [img] = out["16"]["images"]
     assert (srv.base / "output" / img["subfolder"] / img["filename"]).stat().st_size > 1000
     assert "FaceSim" in out["18"]["text"][0]
+    # the baseline branch: LoRA + augmented inputs on the same crops, a plain rank-1 LoRA through the stock loader
+    base = load_lora(srv.base / "models" / "loras" / "idlora" / "idlora_lora_aug_example.safetensors")
+    assert base.metadata["idlora_method"] == "lora_aug" and {w.down.shape[0] for w in base.weights.values()} == {1}
+    assert base.weights.keys() == lora.weights.keys()  # the Meta-Down's layers
+    assert "8 crops, plain LoRA + augmented inputs" in out["21"]["text"][0] and "FaceSim" in out["27"]["text"][0]
+    [img] = out["26"]["images"]
+    assert (srv.base / "output" / img["subfolder"] / img["filename"]).stat().st_size > 1000
+    # the evaluation loop: one row per (method, steps), each identity scored against its other photo only
+    reports = srv.base / "output" / "idlora" / "reports"
+    rows = (reports / "idlora_meta_lora_eval_loop.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["meta_lora", "2"], ["meta_lora", "4"], ["lora_aug", "2"],
+                                                   ["lora_aug", "4"]]
+    report = json.loads((reports / "idlora_meta_lora_eval_loop.json").read_text())
+    assert {k: (v["reference"], v["others_scored"]) for k, v in report["identities"].items()} == {
+        "astronaut": ("astronaut_1.jpg", ["astronaut_2_mirrored.jpg"]),
+        "biden": ("biden_1.jpg", ["biden_2_mirrored.jpg"])}
+    assert all(r["CLIP-T"]["count"] == 2 for r in report["rows"])  # the demo CLIP
+    assert "| lora_aug | 4 |" in out["28"]["text"][0]
+
+
+def test_stage1_paper_preset_refuses_a_contradicting_widget(srv):
+    wf = {k: v for k, v in workflow().items() if k in ("1", "2")}
+    wf["2"]["inputs"]["preset"] = "paper"
+    hist, events = srv.run(wf, timeout=300)
+    err = last_error(events)
+    assert err["node_id"] == "2", err
+    assert "preset 'paper' sets steps = 50000" in err["exception_message"], err["exception_message"]
 
 
 def test_empty_identity_folder_is_named(srv):

@@ -25,9 +25,9 @@ class ModelFilesMissing(FileNotFoundError):
 def missing_message(metric: str, files: Sequence[str], dirs: Sequence[str | Path], source: str) -> str:
     folder = METRIC_FOLDERS[metric]
     searched = ", ".join(str(d) for d in dirs) or "no folder"
-    names = ", ".join(files)
+    names, several = ", ".join(files), len(files) > 1
     return (f"{metric} needs {names} in models/{folder}/ (searched: {searched}): {source}. "
-            f"Put the file{'s' if len(files) > 1 else ''} there under {'these names' if len(files) > 1 else 'this name'}; "
+            f"Put the file{'s' if several else ''} there under {'these names' if several else 'this name'}; "
             f"IDLoRA never downloads weights")
 
 

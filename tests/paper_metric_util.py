@@ -124,13 +124,15 @@ IR_TINY = {"vision_width": 128, "vision_layers": 2, "patch_size": 16, "image_siz
 
 def _blip_layout(v: int, vl: int, patch: int, image: int, t: int, tl: int, vocab: int, positions: int) -> dict:
     """Shapes of ImageReward.pt's tensors, by their original names (BLIP's ViT and BERT, ImageReward's mlp)."""
-    shapes = {"blip.visual_encoder.cls_token": (1, 1, v), "blip.visual_encoder.pos_embed": (1, (image // patch) ** 2 + 1, v),
+    shapes = {"blip.visual_encoder.cls_token": (1, 1, v),
+              "blip.visual_encoder.pos_embed": (1, (image // patch) ** 2 + 1, v),
               "blip.visual_encoder.patch_embed.proj.weight": (v, 3, patch, patch),
               "blip.visual_encoder.patch_embed.proj.bias": (v,),
               "blip.visual_encoder.norm.weight": (v,), "blip.visual_encoder.norm.bias": (v,)}
     for i in range(vl):
         b = f"blip.visual_encoder.blocks.{i}."
-        shapes.update({b + "norm1.weight": (v,), b + "norm1.bias": (v,), b + "norm2.weight": (v,), b + "norm2.bias": (v,),
+        shapes.update({b + "norm1.weight": (v,), b + "norm1.bias": (v,), b + "norm2.weight": (v,),
+                       b + "norm2.bias": (v,),
                        b + "attn.qkv.weight": (3 * v, v), b + "attn.qkv.bias": (3 * v,), b + "attn.proj.weight": (v, v),
                        b + "attn.proj.bias": (v,), b + "mlp.fc1.weight": (4 * v, v), b + "mlp.fc1.bias": (4 * v,),
                        b + "mlp.fc2.weight": (v, 4 * v), b + "mlp.fc2.bias": (v,)})

@@ -242,7 +242,8 @@ def test_image_reward_real_size_is_blip_large_and_bert_base():
     vision = v * 3 * 16 * 16 + v + v + (grid * grid + 1) * v + 2 * v + 24 * (
         4 * v + (3 * v * v + 3 * v) + (v * v + v) + (4 * v * v + 4 * v) + (4 * v * v + v))
     attention = lambda kv: 2 * (t * t + t) + 2 * (kv * t + t) + 2 * t  # noqa: E731  q, out, k, v, LayerNorm
-    text = 30524 * t + 512 * t + 2 * t + 12 * (attention(t) + attention(v) + (4 * t * t + 4 * t) + (4 * t * t + t) + 2 * t)
+    layer = attention(t) + attention(v) + (4 * t * t + 4 * t) + (4 * t * t + t) + 2 * t
+    text = 30524 * t + 512 * t + 2 * t + 12 * layer
     head = sum(a * b + b for a, b in zip((t, 1024, 128, 64, 16), (1024, 128, 64, 16, 1)))
     assert sum(p.numel() for p in model.vision.parameters()) == vision
     assert sum(p.numel() for p in model.text.parameters()) == text

@@ -10,7 +10,9 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from ..training.duolora import MERGE_METHODS, LoraMerger, MergeConfig, MergeData, check_prompts, combine, resolve_pair
+from ..training.duolora import (DRAW_MODES, LOSS_WEIGHTINGS, MAX_TRANSLATE_STEPS, MERGE_METHODS,
+                                 PRIOR_NORMALIZATIONS, RECON_LOSSES, LoraMerger, MergeConfig, MergeData,
+                                 check_prompts, combine, resolve_pair)
 from ..training.duolora_job import MergeTask
 from ..training.lora_format import LoraBundle, load_lora
 from ..training.lora_trainer import check_images, prepare_data
@@ -30,6 +32,26 @@ METHOD_TIP = ("duolora: ZipRank rank masks + layer priors (prior-informed init a
               "cycle loss. ziprank: rank masks and reconstruction only. ziplora: the ZipLoRA baseline (output-"
               "dimension masks, as the papers define them, + its orthogonality term). naive: a scalar blend, no "
               "training.")
+
+# the paper's ambiguous readings: MergeConfig's defaults were chosen by measurement (docs/duolora.md, "The paper's
+# readings"); the tooltips name the default so that the two cannot drift apart
+MEASURED = "chosen by measurement on IDLoRA's synthetic merge tasks (docs/duolora.md)"
+WEIGHTING_TIP = (f"duolora: how the loss terms are weighted. 'text': reconstruction + lambda_cycle * cycle + "
+                 f"lambda_layer_prior * prior (the paper's text and its Table 9). 'equation': the paper's total-loss "
+                 f"equation, lambda_layer_prior * prior + lambda_cycle * (reconstruction + cycle). Default "
+                 f"'{D.loss_weighting}', {MEASURED}.")
+NORMALIZATION_TIP = (f"duolora: the layer prior's size. 'mean': each layer's term divided by its mask length (the "
+                     f"share of active rank components) and averaged over the layers, so it does not grow with the "
+                     f"rank or the number of layers. 'sum': the raw terms of every layer added. Default "
+                     f"'{D.prior_normalization}', {MEASURED}.")
+RECON_TIP = (f"duolora: the reconstruction terms. 'mse': mean squared error. 'norm': the L2 norm of the difference "
+             f"per sample, as the paper writes ||.|| (its size grows with the latent's size). Default "
+             f"'{D.recon_loss}', {MEASURED}.")
+DRAWS_TIP = (f"'fresh': a new image, timestep and noise every step, the single LoRAs' targets recomputed (two more "
+             f"U-Net passes per step, four with the cycle). 'cached': {D.cached_draws} draws computed once and "
+             f"reused (cheaper steps). Default '{D.draws}', {MEASURED}.")
+LAMBDA_CYCLE_TIP = ("Weight of the Constyle loss (paper: 0.01): with loss_weighting 'text' of the cycle terms only "
+                    "(the reconstruction has weight 1), with 'equation' of reconstruction and cycle together.")
 
 
 def pick(handle, name: str, what: str) -> LoraBundle:
@@ -77,7 +99,7 @@ class DuoLoRAMerge(BackgroundNode):
                 io.Float.Input("learning_rate", default=D.learning_rate, min=1e-6, max=10.0, step=1e-3,
                                tooltip="Adam learning rate of the masks (paper: 0.01)."),
                 io.Float.Input("lambda_cycle", default=D.lambda_cycle, min=0.0, max=100.0, step=0.001,
-                               tooltip="Weight of the Constyle cycle terms (paper: 0.01)."),
+                               tooltip=LAMBDA_CYCLE_TIP),
                 io.Float.Input("lambda_layer_prior", default=D.lambda_layer_prior, min=0.0, max=100.0, step=0.01,
                                tooltip="Weight of the layer-prior loss (paper: 0.1)."),
                 io.Float.Input("t_content", default=D.t_content, min=0.0, max=1.0, step=0.05,
@@ -102,6 +124,24 @@ class DuoLoRAMerge(BackgroundNode):
                 io.String.Input("style_blocks", default="", optional=True,
                                 tooltip="The style-dominant layers' pattern, e.g. ^single_blocks\. on Flux (a "
                                         "split of our choosing: no paper gives one for Flux)."),
+                io.Combo.Input("loss_weighting", options=list(LOSS_WEIGHTINGS), default=D.loss_weighting,
+                               optional=True, tooltip=WEIGHTING_TIP),
+                io.Combo.Input("prior_normalization", options=list(PRIOR_NORMALIZATIONS),
+                               default=D.prior_normalization, optional=True, tooltip=NORMALIZATION_TIP),
+                io.Combo.Input("recon_loss", options=list(RECON_LOSSES), default=D.recon_loss, optional=True,
+                               tooltip=RECON_TIP),
+                io.Combo.Input("draws", options=list(DRAW_MODES), default=D.draws, optional=True, tooltip=DRAWS_TIP),
+                io.Boolean.Input("cycle_translate_grad", default=D.cycle_translate_grad, optional=True,
+                                 tooltip="duolora: let the gradient flow through the cycle's translating pass too "
+                                         "(I_cs, I_sc; the paper does not say). Off: the translation is data for "
+                                         "the reconstructing pass, and costs no backward through it (the cost "
+                                         "of each option: benchmarks/results/bench_duolora.md)."),
+                io.Int.Input("translate_steps", default=D.translate_steps, min=1, max=MAX_TRANSLATE_STEPS,
+                             optional=True,
+                             tooltip="duolora: denoising steps of the cycle's translating pass (I_cs, I_sc and the "
+                                     "references' first pass), deterministic (DDIM) steps down the model's "
+                                     "schedule. 1: the one-step x0 estimate. Each more step costs two more U-Net "
+                                     "passes per cycle (four with fresh draws)."),
             ],
             outputs=lora_job_outputs("merged"),
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -112,12 +152,16 @@ class DuoLoRAMerge(BackgroundNode):
                 method, steps, learning_rate, lambda_cycle, lambda_layer_prior, t_content, t_style, cycle_every,
                 naive_content_weight, naive_style_weight, seed, content_lora=None, content_lora_name=NONE,
                 style_lora=None, style_lora_name=NONE, mode="blocking", name="idlora_duolora", content_blocks="",
-                style_blocks="") -> io.NodeOutput:
+                style_blocks="", loss_weighting=D.loss_weighting, prior_normalization=D.prior_normalization,
+                recon_loss=D.recon_loss, draws=D.draws, cycle_translate_grad=D.cycle_translate_grad,
+                translate_steps=D.translate_steps) -> io.NodeOutput:
         cfg = MergeConfig(method=method, steps=steps, learning_rate=learning_rate, lambda_cycle=lambda_cycle,
                           lambda_layer_prior=lambda_layer_prior, t_content=t_content, t_style=t_style,
                           cycle_every=cycle_every, naive_weights=(naive_content_weight, naive_style_weight),
-                          seed=seed, content_blocks=content_blocks.strip(),
-                          style_blocks=style_blocks.strip()).validate()
+                          seed=seed, content_blocks=content_blocks.strip(), style_blocks=style_blocks.strip(),
+                          loss_weighting=loss_weighting, prior_normalization=prior_normalization,
+                          recon_loss=recon_loss, draws=draws, cycle_translate_grad=bool(cycle_translate_grad),
+                          translate_steps=int(translate_steps)).validate()
         check_prompts(content_prompt=content_prompt, style_prompt=style_prompt, mixed_prompt=mixed_prompt)
         check_images(content_images), check_images(style_image)
         content, style = resolve_pair(pick(content_lora, content_lora_name, "content"),

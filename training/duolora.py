@@ -89,10 +89,10 @@ class MergeConfig(LoraTrainConfig):
     naive_weights: tuple[float, float] = (1.0, 1.0)
     cached_draws: int = 8             # draws="cached": (image, timestep, noise) draws whose targets are cached
     # the paper's ambiguous readings (module docstring); defaults chosen by measurement (docs/duolora.md)
-    loss_weighting: str = "equation"  # "equation": l_prior L_prior + l_cycle (L_recon + L_cycle); "text": L_recon
-    #                                   + l_cycle L_cycle + l_prior L_prior
+    loss_weighting: str = "text"      # "text": L_recon + l_cycle L_cycle + l_prior L_prior; "equation":
+    #                                   l_prior L_prior + l_cycle (L_recon + L_cycle)
     prior_normalization: str = "mean"  # "mean": per layer / mask length, averaged over layers; "sum": raw sum
-    recon_loss: str = "mse"           # DuoLoRA's reconstruction terms: "mse", or "norm" (the paper's ||.||)
+    recon_loss: str = "norm"          # DuoLoRA's reconstruction terms: "norm" (the paper's ||.||, per sample), or "mse"
     draws: str = "fresh"              # "fresh": new noise and timesteps each step; "cached": cached_draws, reused
     cycle_translate_grad: bool = False  # the gradient also flows through the cycle's translating pass
     translate_steps: int = 1          # denoising steps of the translating pass (1: the one-step x0 estimate)

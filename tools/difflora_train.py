@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import InputError, add_loop_flags, check_loop_args, finish, run_main, train_steps  # noqa: E402
+from meta_lora_stage1 import (InputError, add_loop_flags, check_loop_args, finish, flag_dest, run_main,  # noqa: E402
+                              train_steps)
 from meta_lora_stage1 import LR_FLAG, MAX_GRAD_NORM_FLAG  # noqa: E402
 
 log = logging.getLogger("idlora.difflora_train")
@@ -101,19 +102,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"small: the defaults below (a CPU, tens of LoRAs); paper: the paper's sizes and "
                             f"optimiser ({paper}). Flags given override the preset.")
         add_flags(s, cls, flags(stage))
-        s.set_defaults(**{dest(flag): None for flag, _, _ in flags(stage)})  # None: not given, the preset's
+        s.set_defaults(**{flag_dest(flag): None for flag, _, _ in flags(stage)})  # None: not given, the preset's
         s.add_argument("--work", default="", help="folder of the checkpoints and sync log (default: --out's folder)")
         add_loop_flags(s, 100, "the checkpoints in --work", "weights; writes <out stem>.sync.tsv")
     return p.parse_args(argv)
 
 
-def dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
 def train_config(a: argparse.Namespace):
     """The --preset's config with the flags that were given (a flag not given is None)."""
-    given = {name: v for flag, name, _ in flags(a.stage) if (v := getattr(a, dest(flag))) is not None}
+    given = {name: v for flag, name, _ in flags(a.stage) if (v := getattr(a, flag_dest(flag))) is not None}
     return config_class(a.stage).preset(a.preset, **given)
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..models.dit import DiTConfig, LoraDiT
 from ..models.lae import LaeConfig, LoraAutoencoder, lae_loss
-from .config import TrainingConfig
+from .config import Presets, TrainingConfig
 from .fileio import atomic_path, read_safetensors
 from .lora_format import LoraBundle, LoraWeight
 from .lora_trainer import NonFiniteLossError, TrainingInputError
@@ -54,8 +54,9 @@ class DiffLoraFileError(ValueError):
 # -- configs ----------------------------------------------------------------------------------------
 
 @dataclass
-class NetTrainConfig(TrainingConfig):
-    """The optimiser settings both DiffLoRA trainers share (AdamW); the defaults are the DiT's."""
+class NetTrainConfig(Presets, TrainingConfig):
+    """The optimiser settings both DiffLoRA trainers share (AdamW); the defaults are the DiT's. Presets: ``PRESETS``
+    (``preset``, ``from_widgets``: training/config.Presets)."""
     steps: int = 5000
     learning_rate: float = 1e-4
     batch_size: int = 32
@@ -64,42 +65,6 @@ class NetTrainConfig(TrainingConfig):
     seed: int = 0
 
     _lr_example: ClassVar[str] = "1e-4"  # the learning rate the message of a bad one suggests
-    # the settings each preset fixes ("small": the dataclass defaults, for a CPU and tens of LoRAs)
-    _presets: ClassVar[dict[str, dict]] = {"small": {}}
-
-    @classmethod
-    def preset(cls, name: str = "small", **settings) -> "NetTrainConfig":
-        """The config of preset ``name`` (``PRESETS``); ``settings`` override it (the command line's flags)."""
-        if name not in cls._presets:
-            raise TrainingInputError(f"preset = {name!r} is invalid: use one of {tuple(cls._presets)}")
-        return cls(**{**cls._presets[name], **settings}).validate()
-
-    @classmethod
-    def preset_settings(cls, name: str) -> dict:
-        """The settings preset ``name`` fixes (the rest are the dataclass defaults)."""
-        cls.preset(name)
-        return dict(cls._presets[name])
-
-    @classmethod
-    def from_widgets(cls, name: str, **widgets) -> "NetTrainConfig":
-        """The config of a node: preset ``name`` and the node's widget values. A widget of a setting that the preset
-        fixes must hold the preset's value or the small default (then the preset's value is used); any other value
-        is an error, so that no widget is ignored in silence."""
-        cls.preset(name)  # a bad name fails here
-        fixed, small = cls._presets[name], cls()
-        def same(a, b) -> bool:  # a float widget may come back with rounding noise
-            return math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) or isinstance(b, float) else a == b
-        clash = {k: v for k, v in widgets.items()
-                 if k in fixed and not same(v, fixed[k]) and not same(v, getattr(small, k))}
-        if clash:
-            raise TrainingInputError(
-                f"preset {name!r} sets {', '.join(f'{k} = {fixed[k]!r}' for k in clash)}, but the widget"
-                f"{'s' if len(clash) > 1 else ''} {', '.join(f'{k} = {v!r}' for k, v in clash.items())} "
-                f"differ{'' if len(clash) > 1 else 's'}: "
-                f"set preset 'small' to train with your own values, or reset "
-                f"{', '.join(f'{k} to {getattr(small, k)!r}' for k in clash)}")
-        return cls.preset(name, **{k: v for k, v in widgets.items() if k not in fixed})
-
     def validate(self) -> "NetTrainConfig":
         self.need(isinstance(self.steps, int) and self.steps >= 1, "steps", "use a whole number >= 1")
         self.need(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",

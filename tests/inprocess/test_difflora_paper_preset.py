@@ -114,9 +114,9 @@ def test_training_nodes_offer_the_preset_and_refuse_a_contradicting_widget(comfy
             assert inputs[name].default == getattr(cls(), name), (node, name)
     lr = {i.id: i for i in TrainLoraAutoencoder.define_schema().inputs}["learning_rate"]
     assert "2e-5" in lr.tooltip and lr.default == 1e-3
-    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets hidden = 1454, but the widget hidden = 64"):
+    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets hidden = 1454, but the widget value hidden = 64"):
         TrainDiffLora.execute("no_such_dataset", "none", 5, 1e-4, 32, 64, 6, 4, 0, "x", preset="paper")
-    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets patch = 75, but the widget patch = 8"):
+    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets patch = 75, but the widget value patch = 8"):
         TrainLoraAutoencoder.execute("no_such_dataset", 5, 1e-3, 4, 1.0, 8, 5, 64, 4, 0, "x", preset="paper")
     # the paper preset with default widgets gets past the settings to the dataset check
     with pytest.raises(FileNotFoundError, match="no_such_dataset does not exist"):

@@ -29,10 +29,10 @@ def test_node_widgets_must_not_contradict_the_preset():
                                       depth=16, heads=small.heads, seed=3)
     assert (cfg.steps, cfg.seed, cfg.hidden, cfg.depth, cfg.heads) == (9, 3, 1454, 16, 2)
     # a changed widget of a preset setting is an error naming it, the preset's value and the fix
-    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets hidden = 1454, but the widget hidden = 512 "
-                                                 r"differs: set preset 'small' .* reset hidden to 256"):
+    with pytest.raises(TrainingInputError, match=r"preset 'paper' sets hidden = 1454, but the widget value hidden = "
+                                                 r"512 differ: set preset 'small' .* reset hidden to 256"):
         DiTTrainConfig.from_widgets("paper", hidden=512, depth=small.depth)
-    with pytest.raises(TrainingInputError, match=r"learning_rate = 2e-05, batch_size = 4, but the widgets "
+    with pytest.raises(TrainingInputError, match=r"learning_rate = 2e-05, batch_size = 4, but the widget values "
                                                  r"learning_rate = 0.003, batch_size = 2 differ"):
         LaeTrainConfig.from_widgets("paper", learning_rate=3e-3, batch_size=2, steps=5)
     # preset small: the widgets as they are

@@ -31,6 +31,7 @@ README_SECTIONS = {  # node module -> (README section title, its anchor)
     "idstyle_nodes": ("Identity-preserving stylization", "identity-preserving-stylization"),
     "guidance_nodes": ("Identity-preserving stylization", "identity-preserving-stylization"),
     "meta_lora_nodes": ("Meta-LoRA", "meta-lora"),
+    "meta_lora_eval_nodes": ("Meta-LoRA", "meta-lora"),
     "duolora_nodes": ("DuoLoRA", "duolora"),
     "difflora_nodes": ("DiffLoRA", "difflora"),
     "board_nodes": ("End-to-end pipelines", "end-to-end-pipelines"),

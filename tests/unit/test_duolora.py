@@ -274,8 +274,8 @@ def test_mean_prior_does_not_grow_with_the_number_of_mask_entries(setup):
         with torch.no_grad():
             for _, layer in net.items():
                 layer.m_c.fill_(0.5), layer.m_s.fill_(0.25)
-        mean = layer_prior_loss(net, kinds, hinge=1.0, normalization="mean")
-        total = layer_prior_loss(net, kinds, hinge=1.0, normalization="sum")
+        mean = layer_prior_loss(net, kinds, hinge=1.0, normalization="mean").detach()
+        total = layer_prior_loss(net, kinds, hinge=1.0, normalization="sum").detach()
         # every layer: the dominant mask's share (0.5 or 0.25 of the longer mask) + the hinge where the other is larger
         expect = []
         for n, (k, _) in kinds.items():

@@ -5,6 +5,7 @@ lambda_cycle 0.01, lambda_layer_prior 0.1). The same task over three seeds: benc
 from __future__ import annotations
 
 import pytest
+import torch
 
 import duolora_task as T
 from idlora.training.duolora import CONTENT, STYLE
@@ -15,8 +16,13 @@ MARGIN = 0.01
 
 @pytest.fixture(scope="module")
 def runs():
-    task = T.build("layered", seed=0)
-    return task, {m: T.merge(task, m) for m in ("duolora", "ziprank")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's operations gain nothing from more, and wait for them when busy
+    try:
+        task = T.build("layered", seed=0)
+        return task, {m: T.merge(task, m) for m in ("duolora", "ziprank")}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_merge_gets_the_ground_truth_layer_kinds(runs):

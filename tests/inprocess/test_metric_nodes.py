@@ -23,10 +23,24 @@ def mn(comfy):
     return metric_nodes
 
 
+METRIC_FOLDERS = ("fid", "csd", "dreamsim", "image_reward")
+
+
 @pytest.fixture(scope="module")
 def models_dir(mn):
+    """ComfyUI's models folder; what the tests write into the metric folders is removed afterwards, so that later
+    tests in this process (the node help's combo lists) see the folders as they were."""
+    import shutil
+
     import folder_paths
-    return Path(folder_paths.models_dir)
+    root = Path(folder_paths.models_dir)
+    before = {p for d in METRIC_FOLDERS for p in (root / d).rglob("*")} | {root / d for d in METRIC_FOLDERS
+                                                                           if (root / d).exists()}
+    yield root
+    for d in METRIC_FOLDERS:
+        for p in sorted((root / d).rglob("*"), reverse=True) + [root / d]:
+            if p.exists() and p not in before:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _batch(n: int, seed: int, size: int = 40) -> torch.Tensor:

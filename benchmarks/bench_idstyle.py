@@ -16,6 +16,10 @@ settings and torch.set_num_threads(2):
     vae_face    the same, only the latent window around the face decoded
     taesd       TAESD decoder (models/taesd.py), whole latent
     taesd_face  TAESD decoder, face window only
+    stylized_taesd_face, stylized_vae_face
+                the identity target 'stylized' (the default of the identity stylization job): the term scores the
+                x0 of the content LoRA and a trainable style LoRA (rank r, same layers) together, so it adds a
+                denoiser forward and backward with both LoRAs; TAESD / full VAE, face window
 
 The identity rows use IdentityConfig(weight=0.1, every=1, timestep_range=(0, 1)), so every step applies the term
 (the child checks it). The face is a real photo (tests/assets/faces/obama.jpg, square-cropped around the face,
@@ -85,9 +89,13 @@ ROWS = {
     "vae_face": ("identity", "vae", True, "identity step, full VAE, face window"),
     "taesd": ("identity", "taesd", False, "identity step, TAESD, whole image"),
     "taesd_face": ("identity", "taesd", True, "identity step, TAESD, face window"),
+    "stylized_taesd_face": ("stylized", "taesd", True, "identity step, stylized target, TAESD, face window"),
+    "stylized_vae_face": ("stylized", "vae", True, "identity step, stylized target, full VAE, face window"),
 }
 PATH_NAMES = {"vae": "full VAE, whole image", "vae_face": "full VAE, face window",
-              "taesd": "taesd, whole image", "taesd_face": "taesd, face window"}
+              "taesd": "taesd, whole image", "taesd_face": "taesd, face window",
+              "stylized_taesd_face": "stylized target, taesd, face window",
+              "stylized_vae_face": "stylized target, full VAE, face window"}
 
 
 # =====================================================================================================
@@ -240,13 +248,22 @@ def run_row(spec: dict) -> dict:
                                     face_region=spec["face_region"])
             identity = IdentityLoss(decoder, embed, CROP_SIZE, landmarks, refs, (res // 8, res // 8), id_cfg)
             window = list(identity.windows[0])
-            trainer = IdentityContentTrainer(model, data, X0TrainConfig(**common, x0_start_step=0), identity)
+            style = None
+            if kind == "stylized":  # a trainable rank-r style LoRA on the same layers (up non-zero: a real branch)
+                from idlora.models.lora import LoraNetwork, select_targets
+                style = LoraNetwork(select_targets(model.denoiser, spec["targets"]), spec["rank"]).to(model.device)
+                g = torch.Generator().manual_seed(SEED + 3)
+                with torch.no_grad():
+                    for _, layer in style.items():
+                        layer.up.copy_(torch.randn(layer.up.shape, generator=g) * 1e-3)
+                style.requires_grad_(True)
+            trainer = IdentityContentTrainer(model, data, X0TrainConfig(**common, x0_start_step=0), identity, style)
             parts.update(decoder=type(decoder).__name__, arcface=type(embed).__name__)
         trainable = sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)
         rss_start = _proc_status_mb("VmRSS")
         times, cpu, fc = timed_steps(trainer, spec["warmup"] + spec["steps"])
         applied = len(getattr(trainer, "identity_values", []))
-        if kind == "identity" and applied != n_steps:
+        if kind in ("identity", "stylized") and applied != n_steps:
             raise RuntimeError(f"the identity term was applied on {applied} of {n_steps} steps; every step must "
                                f"apply it for this row to measure it")
         return dict(times=times, cpu=cpu, flops=fc.get_total_flops(), flop_split=_flop_split(fc, parts),

@@ -282,8 +282,8 @@ def child_main(spec: dict, result_path: str) -> int:
 # =====================================================================================================
 
 def _applies_to_sd15(preset: str) -> bool:
-    family = preset.split("_")[0]
-    return family == "sd15" or not family.startswith("sd")
+    """The presets the SD1.5 U-Net takes: its own and the architecture-free 'attn' (not SDXL's or Flux's)."""
+    return preset == "attn" or preset.split("_")[0] == "sd15"
 
 
 def _fmt_ok(r: dict) -> bool:

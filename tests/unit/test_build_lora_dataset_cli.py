@@ -171,17 +171,23 @@ def test_bad_input_exits_2_with_a_message(data, built, tmp_path):
     assert not (tmp_path / "o2" / "nobody" / "entry.json").exists()
 
 
-def test_the_built_dataset_trains_the_lae_and_the_dit(built, tmp_path):
-    def train(*argv: str) -> int:  # in-process (pure torch; the torchrun runs are in test_difflora_cli.py)
+def train_difflora(dataset: Path, tmp_path: Path, steps: int, patch: int):
+    """A small LAE, then a small DiT on ``dataset`` with tools/difflora_train.py in-process (pure torch; the torchrun
+    runs are in test_difflora_cli.py); both must exit 0. Returns the loaded DiffLoRA."""
+    def train(*argv: str) -> int:
         return difflora_train.train(difflora_train.parse_args(list(argv)), 0, 1, torch.device("cpu"), "none")
 
-    small = ["--steps", "3", "--batch-size", "2", "--checkpoint-every", "0"]
+    small = ["--steps", str(steps), "--batch-size", "2", "--checkpoint-every", "0"]
     lae, dl = tmp_path / "lae.safetensors", tmp_path / "difflora.safetensors"
-    assert train("lae", "--dataset", str(built), "--out", str(lae), *small, "--patch", "8", "--levels", "2",
+    assert train("lae", "--dataset", str(dataset), "--out", str(lae), *small, "--patch", str(patch), "--levels", "2",
                  "--channels", "16", "--latent-channels", "2", "--heads", "2", "--mlp-hidden", "16") == 0
-    assert train("dit", "--dataset", str(built), "--lae", str(lae), "--out", str(dl), *small, "--hidden", "16",
+    assert train("dit", "--dataset", str(dataset), "--lae", str(lae), "--out", str(dl), *small, "--hidden", "16",
                  "--depth", "1", "--heads", "2") == 0
-    model = load_difflora(dl)
+    return load_difflora(dl)
+
+
+def test_the_built_dataset_trains_the_lae_and_the_dit(built, tmp_path):
+    model = train_difflora(built, tmp_path, steps=3, patch=8)
     pop = load_population(built)
     assert model.meta["embedders"] == pop.entries[0]["embedders"] and model.meta["base_model"] == "sd15"
     lora = model.sample(pop.face[0][:1], pop.image[0][:1], steps=3, seed=0)[0]
@@ -202,17 +208,7 @@ def test_a_flux_dataset_builds_and_trains_a_difflora_that_samples_flux_loras(dat
     assert len(pop.entries) == len(PHOTOS) and {e["base_model"] for e in pop.entries} == {"flux"}
     names = set(pop.bundles["id0"].weights)
     assert names and all(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names)
-
-    def train(*argv: str) -> int:
-        return difflora_train.train(difflora_train.parse_args(list(argv)), 0, 1, torch.device("cpu"), "none")
-
-    small = ["--steps", "2", "--batch-size", "2", "--checkpoint-every", "0"]
-    lae, dl = tmp_path / "lae.safetensors", tmp_path / "difflora.safetensors"
-    assert train("lae", "--dataset", str(out), "--out", str(lae), *small, "--patch", "64", "--levels", "2",
-                 "--channels", "16", "--latent-channels", "2", "--heads", "2", "--mlp-hidden", "16") == 0
-    assert train("dit", "--dataset", str(out), "--lae", str(lae), "--out", str(dl), *small, "--hidden", "16",
-                 "--depth", "1", "--heads", "2") == 0
-    model = load_difflora(dl)
+    model = train_difflora(out, tmp_path, steps=2, patch=64)  # a coarser patch: the Flux layout is long
     assert model.meta["base_model"] == "flux" and model.meta["targets"] == "flux_attn"
     lora = model.sample(pop.face[0][:1], pop.image[0][:1], steps=2, seed=0)[0]
     assert set(lora) == names

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Meta-LoRA benchmark: stage-2 convergence against plain LoRA, seconds per step, and trainable parameters.
 
-    python benchmarks/bench_meta_lora.py [--quick] [--parts convergence,speed,params] [--steps 600] [--lr 3e-3]
-                                         [--lr-sweep 1e-3,1e-2] [--train-ids 16] [--test-ids 8]
+    python benchmarks/bench_meta_lora.py [--quick] [--parts paper,convergence,speed,params] [--steps 600]
+                                         [--lr 3e-3] [--lr-sweep 4e-4,1e-3,1e-2] [--train-ids 16] [--test-ids 8]
                                          [--stage1-steps 4000] [--r1 8] [--subspace 4] [--targets REGEX]
                                          [--seed 0] [--sd15 | --no-sd15] [--res 256] [--out PATH]
 
@@ -29,6 +29,9 @@ gives plain LoRA's final error, the first evaluated step where Meta-LoRA reaches
 `--lr-sweep` learning rates and with each method at its best learning rate. A control identity whose v lies
 outside S shows what the prior costs when its premise fails. The default targets are the feed-forward layers: the
 report measures why the attention layers of a random-weight tiny denoiser make a poor test (`--targets attn`).
+Part 1a (`paper`) runs the same task at the paper's settings, lr 4e-4 in both stages, r1 128, r2 1 and S = 625
+(plain LoRA's steps in the paper), on a wider denoiser (PAPER_TASK: dim 512, so that r1 128 reduces the inputs);
+the flags of part 1 other than those set it (identities, evaluation, seed) apply to it too.
 
 Part 2, seconds per step: a stage-2 step (Mid + Up, Meta-Down frozen) against a plain LoRA step of the same r2, on
 the tiny denoiser, (`--flux`, default on) on bench_lora's reduced Flux-dev at the paper's r1 128, r2 1, lr 4e-4,
@@ -61,7 +64,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -79,7 +82,13 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_meta_lora.md"
 PAPER_META_STEPS, PAPER_LORA_STEPS = 375, 625
 GOAL = PAPER_META_STEPS / PAPER_LORA_STEPS  # 0.6: Meta-LoRA's steps to LoRA's fidelity, over LoRA's steps
 FF_TARGETS = r"ff\.net\.(0\.proj|2)$"     # the feed-forward (GEGLU) layers of every transformer block
-PARTS = ("convergence", "speed", "params")
+PARTS = ("convergence", "paper", "speed", "params")
+# Part 1b, the paper's settings (App. B.1: lr 4e-4 in both stages, r1 128, r2 1; plain LoRA's 625 steps) on a task
+# wide enough for r1 128 to reduce anything: the tiny denoiser at width 512 (feed-forward inputs 512 and 2048, so
+# r1 / M = 1/4 and 1/16; on Flux-dev's 3072-wide layers it is 1/24), depth 1 and a 4x4 latent to keep it near five
+# minutes on a 2-core CPU. Stage 1 runs 4,000 steps, not the paper's 50,000.
+PAPER_TASK = dict(dim=512, depth=1, latent=4, r1=128, r2=1, lr=4e-4, stage1_lr=4e-4, steps=PAPER_LORA_STEPS,
+                  stage1_steps=4000, lr_sweep=())
 # Example rows of the Flux-dev parameter table: (what, module name in ComfyUI's Flux)
 FLUX_EXAMPLES = [
     ("img_attn.qkv, first double block", "double_blocks.0.img_attn.qkv"),
@@ -134,7 +143,7 @@ class TaskConfig:
     crops: int = 8
     steps: int = 600
     lr: float = 3e-3
-    lr_sweep: tuple[float, ...] = (1e-3, 1e-2)
+    lr_sweep: tuple[float, ...] = (4e-4, 1e-3, 1e-2)
     eval_every: int = 10
     eval_samples: int = 32
     seed: int = 0
@@ -924,23 +933,43 @@ def main(argv=None) -> int:
     child_failed = False
 
     # -- part 1 ------------------------------------------------------------------------------------
-    if "convergence" in parts:
-        print("\n## Part 1: convergence on a synthetic multi-identity task", flush=True)
+    def convergence_section(title: str, tag: str, intro: list[str], task: TaskConfig) -> None:
+        print(f"\n## {title}", flush=True)
         try:
             # One thread: part 1 counts steps, not seconds (its numbers do not depend on the thread count), its
             # tiny ops gain little from a second thread, and one thread is far less hurt by other load.
             torch.set_num_threads(1)
-            res = run_convergence(cfg, log=lambda s: print(s, flush=True))
-            lines, verdict = convergence_tables(res)
-            md += ["## 1. Convergence: stage 2 vs plain LoRA on held-out identities", "",
-                   "In the parent process, pure torch, CPU, fp32, torch threads 1.", ""] + lines
-            md += [f"- {v}" for v in verdict] + ["", f"Part 1 wall time: {res['seconds']:.0f} s.", ""]
+            res = run_convergence(task, log=lambda s: print(s, flush=True))
+            lines, found = convergence_tables(res)
+            md.extend([f"## {title}", "", "In the parent process, pure torch, CPU, fp32, torch threads 1.", "",
+                       *intro, *lines, *(f"- {v}" for v in found), "", f"Wall time: {res['seconds']:.0f} s.", ""])
+            verdict.extend(f"{tag}: {v}" for v in found)
             print("\n".join(lines))
-            print("\n".join(verdict), flush=True)
+            print("\n".join(found), flush=True)
         except Exception as e:  # noqa: BLE001  reported, and the exit code says so
             traceback.print_exc()
-            errors.append(f"part 1 (convergence) failed: {type(e).__name__}: {e}")
-            md += ["## 1. Convergence", "", f"FAILED: {type(e).__name__}: {e}", ""]
+            errors.append(f"{title} failed: {type(e).__name__}: {e}")
+            md.extend([f"## {title}", "", f"FAILED: {type(e).__name__}: {e}", ""])
+
+    if "paper" in parts:
+        convergence_section(
+            "1a. Convergence at the paper's lr 4e-4 and r1 128 (a wider synthetic task)", "paper's lr and r1",
+            [f"The paper's stage-1 and stage-2 learning rate (4e-4), r1 128, r2 1, and plain LoRA's {PAPER_LORA_STEPS} "
+             f"steps as S, on the task of 1b made wider (dim {PAPER_TASK['dim']}, depth {PAPER_TASK['depth']}, "
+             f"{PAPER_TASK['latent']}x{PAPER_TASK['latent']} latents) so that r1 128 is below the layers' input "
+             f"widths. NOT the paper's model or data: a synthetic task with a known answer, and stage 1 runs "
+             f"{PAPER_TASK['stage1_steps']:,} steps, not 50,000.", ""],
+            replace(cfg, **PAPER_TASK))
+    if "convergence" in parts:
+        convergence_section(
+            "1b. Convergence: stage 2 vs plain LoRA on held-out identities (tiny task, r1 8)",
+            f"tiny task, lr {cfg.lr:g}, r1 {cfg.r1}",
+            [f"NOT the paper's lr or r1: the tiny task's primary lr is {cfg.lr:g} with r1 {cfg.r1} (the "
+             f"dimension-64 model has no room for r1 128). A rank-1 LoRA's relative weight change per Adam step "
+             f"grows about as lr x sqrt(M) with the input width M, so the paper's 4e-4 on Flux-dev's 3072-wide "
+             f"layers moves it about as fast as {4e-4 * math.sqrt(3072 / cfg.dim):.1e} does on these {cfg.dim}-wide "
+             f"ones (our reading, not the paper's); the lr sweep includes the literal 4e-4.", ""],
+            cfg)
 
     torch.set_num_threads(THREADS)
 
@@ -1050,7 +1079,7 @@ def main(argv=None) -> int:
             shutil.rmtree(logs, ignore_errors=True)
         return 1
     shutil.rmtree(logs, ignore_errors=True)
-    if a.require_goal and verdict and not verdict[0].startswith("GOAL MET"):
+    if a.require_goal and any("GOAL NOT MET" in v for v in verdict):
         print("the convergence goal was not met (--require-goal)", file=sys.stderr)
         return 2
     return 0

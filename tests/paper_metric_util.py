@@ -61,15 +61,16 @@ LORA_CONFIG = {"base_model_name_or_path": None, "bias": "none", "enable_lora": N
                "task_type": "FEATURE_EXTRACTION"}  # an adapter_config.json of an older peft, as in a 2023 release
 
 
-def write_adapter(folder: Path, seed: int = 0) -> Path:
+def write_adapter(folder: Path, seed: int = 0, extractors: int = 1) -> Path:
     """A DreamSim LoRA folder (adapter_config.json + adapter_model.bin) written by hand in peft's saved layout: rank
-    16 on the qkv of the 12 ViT-B blocks of extractor 0, B non-zero (a trained adapter)."""
+    16 on the qkv of the 12 ViT-B blocks of each of the first ``extractors`` extractors (the ensemble has 3), B
+    non-zero (a trained adapter)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(LORA_CONFIG))
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for i in range(12):
-        key = f"base_model.model.extractor_list.0.model.blocks.{i}.attn.qkv."
+    for e, i in ((e, i) for e in range(extractors) for i in range(12)):
+        key = f"base_model.model.extractor_list.{e}.model.blocks.{i}.attn.qkv."
         sd[key + "lora_A.weight"] = torch.randn(16, 768, generator=g) * 768 ** -0.5
         sd[key + "lora_B.weight"] = torch.randn(3 * 768, 16, generator=g) * 0.5
     torch.save(sd, folder / "adapter_model.bin")
@@ -80,16 +81,32 @@ def _half(sd: dict) -> dict:
     return {k: v.half() for k, v in sd.items()}  # half the bytes to write; load_state_dict casts back to float32
 
 
-def write_dreamsim_vitb32(folder: Path, seed: int = 0) -> Path:
-    """open_clip_vitb32_pretrain.pth.tar + open_clip_vitb32_single_lora/ (DreamSim's release layout)."""
+def write_clip_as_dino(path: Path, patch: int, seed: int = 0) -> Path:
+    """A (open_)clip_vitb<patch>_pretrain.pth.tar: DreamSim's port of a CLIP ViT-B to its DINO ViT, with proj."""
     from dreamsim.feature_extraction.vision_transformer import vit_base
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    vit = vit_base(patch_size=32)
+    vit = vit_base(patch_size=patch)
     vit.pos_drop = nn.LayerNorm(768)  # CLIP's ln_pre, where DreamSim's CLIP-as-DINO port keeps it
     sd = dict(_half(vit.state_dict()), proj=torch.randn(768, 512) * 768 ** -0.5)  # proj is used as stored: fp32
-    torch.save({"state_dict": sd}, folder / "open_clip_vitb32_pretrain.pth.tar")
+    torch.save({"state_dict": sd}, path)
+    return path
+
+
+def write_dreamsim_vitb32(folder: Path, seed: int = 0) -> Path:
+    """open_clip_vitb32_pretrain.pth.tar + open_clip_vitb32_single_lora/ (DreamSim's release layout)."""
+    write_clip_as_dino(folder / "open_clip_vitb32_pretrain.pth.tar", 32, seed)
     write_adapter(folder / "open_clip_vitb32_single_lora", seed)
+    return folder
+
+
+def write_dreamsim_ensemble(folder: Path, seed: int = 0) -> Path:
+    """The ensemble type (DreamSim's default): DINO's backbone and dino_vitb16_pretrain.pth (write_dreamsim_dino),
+    clip_vitb16_pretrain.pth.tar, open_clip_vitb16_pretrain.pth.tar and ensemble_lora/ (on all three extractors)."""
+    write_dreamsim_dino(folder, seed)
+    write_clip_as_dino(folder / "clip_vitb16_pretrain.pth.tar", 16, seed + 1)
+    write_clip_as_dino(folder / "open_clip_vitb16_pretrain.pth.tar", 16, seed + 2)
+    write_adapter(folder / "ensemble_lora", seed, extractors=3)
     return folder
 
 

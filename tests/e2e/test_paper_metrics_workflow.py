@@ -8,8 +8,7 @@ FID of the generated set against itself is 0 and against another set is not, Dre
 0 and against the photo is not; a missing weight file stops the prompt with the node's error naming the file and the
 folder, and the server keeps serving.
 
-DreamSim runs as ``open_clip_vitb32`` here: the workflow's ``ensemble`` needs three ViT-B/16 files that the test
-helpers do not write (its missing-file error is checked in tests/inprocess/test_metric_nodes.py).
+DreamSim runs as the workflow ships it, the ``ensemble`` type (DINO, CLIP and OpenCLIP ViT-B/16 files).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ WORKFLOW = ROOT / "workflows" / "api" / "idlora_paper_metrics.json"
 METRIC_NODES = {"IDLoRAFIDScore": "FID", "IDLoRACSDScore": "CSD-s", "IDLoRADreamSimScore": "DreamSim",
                 "IDLoRAImageReward": "ImageReward"}
 METRIC_FOLDERS = ("fid", "csd", "dreamsim", "image_reward")
-TEST_DREAMSIM_TYPE = "open_clip_vitb32"  # the type whose files pmu writes (see the module docstring)
+DREAMSIM_TYPE = "ensemble"  # the bundled workflow's type (DreamSim's default)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def weights(server_base):
         {models / d for d in METRIC_FOLDERS if (models / d).exists()}
     pmu.write_inception(models / "fid")
     pmu.write_csd(models / "csd")
-    pmu.write_dreamsim_vitb32(models / "dreamsim")
+    pmu.write_dreamsim_ensemble(models / "dreamsim")
     pmu.write_image_reward(models / "image_reward")
     yield models
     for d in METRIC_FOLDERS:
@@ -56,11 +55,9 @@ def node_id(wf: dict, class_type: str) -> str:
 
 
 def workflow() -> dict:
-    """The bundled API workflow as it is, but for DreamSim's type (see the module docstring)."""
+    """The bundled API workflow as it is."""
     wf = json.loads(WORKFLOW.read_text())
-    dreamsim = wf[node_id(wf, "IDLoRADreamSimScore")]["inputs"]
-    assert dreamsim["dreamsim_type"] == "ensemble"  # what users get: DreamSim's default
-    dreamsim["dreamsim_type"] = TEST_DREAMSIM_TYPE
+    assert wf[node_id(wf, "IDLoRADreamSimScore")]["inputs"]["dreamsim_type"] == DREAMSIM_TYPE
     return wf
 
 
@@ -100,7 +97,7 @@ def test_workflow_scores_every_metric_into_the_report(srv, first_run):
     assert fid["mean"] > 0 and fid["count"] == 2 and fid["detail"]["reference_count"] == 2
     assert -1 <= csd["mean"] <= 1 and csd["count"] == 2  # 2 generated images x 1 style image
     assert 0 < dreamsim["mean"] <= 2 and dreamsim["count"] == 2
-    assert TEST_DREAMSIM_TYPE in dreamsim["detail"]["model"] and dreamsim["detail"]["pairs"] == "all"
+    assert DREAMSIM_TYPE in dreamsim["detail"]["model"] and dreamsim["detail"]["pairs"] == "all"
     assert len(reward["values"]) == 2 and reward["mean"] == pytest.approx(sum(reward["values"]) / 2, abs=1e-6)
     assert reward["values"][0] != pytest.approx(reward["values"][1], abs=1e-6)  # one prompt line per image
 

